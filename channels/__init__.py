@@ -1,0 +1,1 @@
+"""The delivery side: the worker runtime and one module per provider."""

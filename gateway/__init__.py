@@ -1,0 +1,1 @@
+"""The gRPC front door: server, auth, validation, idempotency, write path, relay, status."""

@@ -1,0 +1,67 @@
+"""Tenant authentication from ``authorization: Bearer <api key>`` metadata.
+
+Resolved keys are cached for a few seconds (``cachetools.TTLCache``) so the
+hot path does not read PostgreSQL per request; a revoked key therefore stops
+working within that TTL. Cross-process invalidation arrives with the tenants
+admin API.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import uuid
+from collections.abc import Sequence
+
+import asyncpg
+from cachetools import TTLCache
+
+from gateway.errors import RpcError, permission_denied, unauthenticated
+from tenants.api_keys import parse_api_key
+from tenants.store import KeyLookup, lookup_api_key
+
+AUTH_CACHE_TTL_S = 5.0
+AUTH_CACHE_MAX_KEYS = 10_000
+
+
+def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+    """The token of the first ``authorization: Bearer <token>`` entry (RFC 6750), or ``None``."""
+    for key, value in metadata or ():
+        if key.lower() != "authorization":
+            continue
+        text = value.decode("latin-1") if isinstance(value, bytes) else value
+        scheme, _, token = text.strip().partition(" ")
+        if scheme.lower() == "bearer" and token.strip():
+            return token.strip()
+        return None
+    return None
+
+
+class Authenticator:
+    """Resolves request metadata to a tenant id, or raises ``RpcError``.
+
+    UNAUTHENTICATED for a missing, malformed, unknown or revoked key;
+    PERMISSION_DENIED for a valid key of a disabled tenant (AIP-193).
+    """
+
+    def __init__(self, pool: asyncpg.Pool, ttl_s: float = AUTH_CACHE_TTL_S) -> None:
+        self._pool = pool
+        self._cache: TTLCache[bytes, KeyLookup] = TTLCache(maxsize=AUTH_CACHE_MAX_KEYS, ttl=ttl_s)
+
+    async def tenant_id(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> uuid.UUID:
+        """The authenticated tenant's id for this request's metadata."""
+        token = bearer_token(metadata)
+        if token is None:
+            raise RpcError(unauthenticated("missing metadata 'authorization: Bearer <api key>'"))
+        parsed = parse_api_key(token)
+        if parsed is None:
+            raise RpcError(unauthenticated("malformed API key"))
+        cache_key = hashlib.sha256(token.encode("utf-8", errors="surrogatepass")).digest()
+        lookup = self._cache.get(cache_key)
+        if lookup is None:
+            lookup = await lookup_api_key(self._pool, parsed)
+            self._cache[cache_key] = lookup
+        if lookup.tenant_id is None:
+            raise RpcError(unauthenticated("unknown or revoked API key"))
+        if lookup.tenant_disabled:
+            raise RpcError(permission_denied("this tenant is disabled", "TENANT_DISABLED"))
+        return lookup.tenant_id

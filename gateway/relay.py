@@ -1,0 +1,128 @@
+"""The outbox relay: publishes committed outbox rows to Kafka.
+
+Each round claims up to ``relay_batch_size`` due, unpublished rows with
+``FOR UPDATE SKIP LOCKED`` (so several relays share the work without
+publishing a row twice), sends them with ``acks=all``, waits for every
+acknowledgement and only then marks them published and commits. A failure
+before the commit leaves the rows unpublished for the next round: delivery to
+Kafka is at-least-once and consumers are idempotent.
+
+The relay sleeps until a ``NOTIFY`` from the write path or the poll interval,
+whichever comes first. When the broker cannot be reached it backs off and
+re-creates the topics before trying again (an empty broker after a restart).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import asyncpg
+import structlog
+from aiokafka import AIOKafkaProducer
+
+from channels.catalog import all_topics
+from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
+from switchboard.kafka import ensure_topics, make_producer
+from switchboard.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+
+async def publish_batch(pool: asyncpg.Pool, producer: AIOKafkaProducer, batch_size: int) -> int:
+    """Claim, publish and mark one batch of due outbox rows; return how many were published.
+
+    Raises the producer's error (and rolls the claim back) if any send fails.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        rows = await conn.fetch(
+            """SELECT id, topic, key, payload FROM outbox
+                WHERE published_at IS NULL AND available_at <= now()
+                ORDER BY available_at, id
+                LIMIT $1
+                FOR UPDATE SKIP LOCKED""",
+            batch_size,
+        )
+        if not rows:
+            return 0
+        futures = [await producer.send(r["topic"], value=r["payload"], key=r["key"]) for r in rows]
+        await asyncio.gather(*futures)
+        await conn.execute(
+            "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
+        )
+        return len(rows)
+
+
+class OutboxRelay:
+    """A relay loop over ``pool`` publishing with a producer built from ``settings``."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._wake = asyncio.Event()
+        self._stopping = asyncio.Event()
+        self.published = 0
+
+    def _on_notify(self, *_: object) -> None:
+        self._wake.set()
+
+    def stop(self) -> None:
+        """Ask the loop to finish its current batch and return."""
+        self._stopping.set()
+        self._wake.set()
+
+    async def run(self) -> None:
+        """Run until :meth:`stop`; survives broker and database outages."""
+        settings = self._settings
+        producer: AIOKafkaProducer | None = None
+        listener: asyncpg.Connection | None = None
+        topics_ready = False
+        try:
+            while not self._stopping.is_set():
+                try:
+                    if listener is None or listener.is_closed():
+                        listener = await asyncpg.connect(settings.require_database_url())
+                        await listener.add_listener(OUTBOX_NOTIFY_CHANNEL, self._on_notify)
+                    if not topics_ready:
+                        await ensure_topics(settings, all_topics(settings.kafka_topic_prefix))
+                        topics_ready = True
+                    if producer is None:
+                        producer = make_producer(settings)
+                        await producer.start()
+                    self._wake.clear()
+                    sent = await asyncio.wait_for(
+                        publish_batch(self._pool, producer, settings.relay_batch_size),
+                        timeout=settings.kafka_request_timeout_ms / 1000 * 2,
+                    )
+                    self.published += sent
+                    if sent:
+                        log.debug("published", count=sent)
+                        continue
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(self._wake.wait(), settings.relay_poll_interval_ms / 1000)
+                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
+                    log.warning("relay: database error, backing off", error=repr(exc))
+                    if listener is not None:
+                        with contextlib.suppress(Exception):
+                            await listener.close()
+                    listener = None
+                    await self._backoff()
+                except Exception as exc:  # broker errors: aiokafka raises many types
+                    log.warning("relay: publish failed, backing off", error=repr(exc))
+                    topics_ready = False
+                    if producer is not None:
+                        with contextlib.suppress(Exception):
+                            await producer.stop()
+                    producer = None
+                    await self._backoff()
+        finally:
+            if producer is not None:
+                with contextlib.suppress(Exception):
+                    await producer.stop()
+            if listener is not None:
+                with contextlib.suppress(Exception):
+                    await listener.close()
+
+    async def _backoff(self) -> None:
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._stopping.wait(), self._settings.relay_error_backoff_ms / 1000)

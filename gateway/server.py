@@ -1,0 +1,88 @@
+"""Gateway server assembly: NotificationService, health and reflection on grpc.aio."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from dataclasses import dataclass
+
+import asyncpg
+import grpc
+import structlog
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_health.v1._async import HealthServicer
+from grpc_reflection.v1alpha import reflection
+
+from gateway.auth import Authenticator
+from gateway.service import NotificationService
+from switchboard.db.pool import create_pool
+from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
+from switchboard.settings import Settings
+
+log = structlog.get_logger(__name__)
+
+NOTIFICATION_SERVICE_NAME = notify_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
+#: How long in-flight RPCs may take to finish after SIGTERM.
+SHUTDOWN_GRACE_S = 10.0
+
+
+@dataclass
+class Gateway:
+    """A started gateway: the server, its health servicer and the bound port."""
+
+    server: grpc.aio.Server
+    health: HealthServicer
+    port: int
+
+    async def set_serving(self, serving: bool) -> None:
+        """Flip the overall and the NotificationService health status."""
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", NOTIFICATION_SERVICE_NAME):
+            await self.health.set(name, status)
+
+    async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
+        """Report NOT_SERVING, refuse new RPCs and let in-flight ones finish within ``grace_s``."""
+        await self.set_serving(False)
+        await self.server.stop(grace_s)
+
+
+async def start_gateway(pool: asyncpg.Pool, settings: Settings, address: str | None = None) -> Gateway:
+    """Build and start the gRPC server on ``address`` (default ``settings.grpc_addr``).
+
+    Port 0 picks a free port; the bound one is in ``Gateway.port``. Raises
+    ``RuntimeError`` if the address cannot be bound.
+    """
+    server = grpc.aio.server()
+    notify_pb2_grpc.add_NotificationServiceServicer_to_server(
+        NotificationService(pool, Authenticator(pool), topic_prefix=settings.kafka_topic_prefix), server
+    )
+    health = HealthServicer()
+    health_pb2_grpc.add_HealthServicer_to_server(health, server)
+    reflection.enable_server_reflection(
+        [NOTIFICATION_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+         reflection.SERVICE_NAME],
+        server,
+    )
+    port = server.add_insecure_port(address or settings.grpc_addr)
+    if port == 0:
+        raise RuntimeError(f"cannot bind gRPC address {address or settings.grpc_addr}")
+    await server.start()
+    gateway = Gateway(server=server, health=health, port=port)
+    await gateway.set_serving(True)
+    return gateway
+
+
+async def run_gateway(settings: Settings) -> None:
+    """Run the gateway process until SIGTERM/SIGINT, then drain and exit."""
+    pool = await create_pool(settings)
+    gateway = await start_gateway(pool, settings)
+    log.info("gateway serving", address=settings.grpc_addr, port=gateway.port)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    log.info("gateway draining")
+    await gateway.stop()
+    await pool.close()
+    log.info("gateway stopped")

@@ -1,0 +1,1 @@
+"""Payments: intents, connectors, ledger, webhooks, reconciliation (later issues)."""

@@ -1,0 +1,95 @@
+"""Process settings, read from ``SWITCHBOARD_*`` environment variables.
+
+Every setting is listed in README.md ("Settings"). Durations carry their unit
+in the name (``_ms``, ``_s``); sizes are counts unless named ``_bytes``.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """All Switchboard settings.
+
+    ``database_url`` and ``kafka_bootstrap`` may be left empty in ``switchboard
+    dev`` / ``demo``, which then start embedded servers and fill them in.
+    Every other process requires them.
+    """
+
+    model_config = SettingsConfigDict(env_prefix="SWITCHBOARD_", extra="ignore")
+
+    # Where things run.
+    database_url: SecretStr | None = Field(
+        default=None, description="PostgreSQL DSN (postgresql://user:pass@host:port/db)"
+    )
+    kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers, host:port[,...]")
+    grpc_addr: str = Field(default="127.0.0.1:50051", description="gRPC listen address host:port")
+    data_dir: Path = Field(default=Path(".switchboard"), description="dev stack data (PostgreSQL, Maildir, sandbox)")
+
+    # PostgreSQL pool.
+    db_pool_min_size: int = Field(default=2, ge=1)
+    db_pool_max_size: int = Field(default=10, ge=1)
+    db_command_timeout_s: float = Field(default=10.0, gt=0)
+
+    # Kafka.
+    kafka_topic_prefix: str = Field(default="", description="prefix for every topic name (shared clusters, tests)")
+    kafka_partitions: int = Field(default=3, ge=1, description="partitions of topics created at start")
+    kafka_replication_factor: int = Field(default=1, ge=1)
+    kafka_idempotence: bool = Field(
+        default=True, description="producer idempotence; off for brokers without InitProducerId (Tansu)"
+    )
+    kafka_linger_ms: int = Field(default=5, ge=0)
+    kafka_request_timeout_ms: int = Field(default=10_000, ge=100)
+
+    # Outbox relay.
+    relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    relay_poll_interval_ms: int = Field(default=200, ge=1, description="poll when no NOTIFY arrives")
+    relay_error_backoff_ms: int = Field(default=500, ge=1)
+
+    # Channel workers.
+    worker_channels: str = Field(default="email,sms,push", description="channels a worker process consumes")
+    worker_max_attempts: int = Field(default=5, ge=1)
+    worker_retry_base_ms: int = Field(default=1_000, ge=1)
+    worker_retry_max_ms: int = Field(default=300_000, ge=1)
+    worker_provider_timeout_s: float = Field(default=15.0, gt=0)
+
+    # Default providers (tenants without their own configuration).
+    smtp_host: str = Field(default="127.0.0.1")
+    smtp_port: int = Field(default=2525, ge=1, le=65535)
+    smtp_from: str = Field(default="Switchboard <switchboard@localhost>")
+    sandbox_dir: Path | None = Field(default=None, description="sandbox SMS/push JSON-lines folder")
+
+    # Embedded dev stack ports.
+    dev_postgres_port: int = Field(default=54329, ge=1, le=65535)
+    dev_kafka_port: int = Field(default=19092, ge=1, le=65535)
+
+    # Logging.
+    log_level: str = Field(default="info")
+    log_json: bool = Field(default=False, description="JSON log lines instead of console")
+
+    def require_database_url(self) -> str:
+        """Return the DSN or raise ``RuntimeError`` naming the missing setting."""
+        if self.database_url is None:
+            raise RuntimeError("SWITCHBOARD_DATABASE_URL is not set")
+        return self.database_url.get_secret_value()
+
+    def require_kafka_bootstrap(self) -> str:
+        """Return the bootstrap servers or raise ``RuntimeError`` naming the missing setting."""
+        if not self.kafka_bootstrap:
+            raise RuntimeError("SWITCHBOARD_KAFKA_BOOTSTRAP is not set")
+        return self.kafka_bootstrap
+
+    def resolved_sandbox_dir(self) -> Path:
+        """The sandbox folder: ``sandbox_dir`` or ``<data_dir>/sandbox``."""
+        return self.sandbox_dir if self.sandbox_dir is not None else self.data_dir / "sandbox"
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""Tenants: keys, provider configuration, encryption at rest, provider cache."""
