@@ -141,3 +141,22 @@ class ChannelWorker:
         self.outcomes[outcome] += 1
         log.debug("delivery handled", delivery_id=event.delivery_id, outcome=outcome.value)
         return outcome
+
+
+async def run_worker_process(settings: Settings, channels: list[str]) -> None:
+    """Run one worker per channel in ``channels`` until SIGTERM/SIGINT."""
+    from switchboard.db.pool import create_pool
+    from switchboard.signals import wait_for_shutdown_signal
+
+    pool = await create_pool(settings)
+    providers = DefaultProviders(settings)
+    workers = [ChannelWorker(pool, settings, channel, providers) for channel in channels]
+    tasks = [asyncio.create_task(w.run()) for w in workers]
+    log.info("workers running", channels=channels)
+    await wait_for_shutdown_signal()
+    for worker in workers:
+        worker.stop()
+    await asyncio.gather(*tasks)
+    await providers.close()
+    await pool.close()
+    log.info("workers stopped", outcomes={w.channel: dict(w.outcomes) for w in workers})

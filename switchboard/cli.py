@@ -1,0 +1,180 @@
+"""The ``switchboard`` command line (typer)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from switchboard.logs import configure_logging
+from switchboard.settings import get_settings
+
+app = typer.Typer(help="Switchboard: multi-tenant gRPC gateway for notifications and payments.",
+                  no_args_is_help=True, add_completion=False)
+tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
+app.add_typer(tenants_app, name="tenants")
+console = Console()
+
+
+def _setup() -> None:
+    settings = get_settings()
+    configure_logging(settings.log_level, settings.log_json)
+
+
+def _run(coro: object) -> None:
+    try:
+        import uvloop
+
+        uvloop.run(coro)  # type: ignore[arg-type]
+    except ImportError:
+        asyncio.run(coro)  # type: ignore[arg-type]
+
+
+@app.command()
+def migrate() -> None:
+    """Apply pending database migrations (safe to run from several processes at once)."""
+    from switchboard.db.migrate import migrate as apply
+
+    _setup()
+    applied = asyncio.run(apply(get_settings().require_database_url()))
+    console.print(f"applied migrations: {applied or 'none (up to date)'}")
+
+
+@app.command()
+def gateway() -> None:
+    """Run the gRPC gateway (SWITCHBOARD_GRPC_ADDR)."""
+    from gateway.server import run_gateway
+
+    _setup()
+    _run(run_gateway(get_settings()))
+
+
+@app.command()
+def relay() -> None:
+    """Run the outbox relay (PostgreSQL outbox -> Kafka)."""
+    from gateway.relay import run_relay_process
+
+    _setup()
+    _run(run_relay_process(get_settings()))
+
+
+@app.command()
+def worker(
+    channel: Annotated[list[str] | None, typer.Option(help="channel to consume (repeatable)")] = None,
+) -> None:
+    """Run channel workers (default: SWITCHBOARD_WORKER_CHANNELS)."""
+    from channels.catalog import ALL_CHANNELS
+    from channels.worker import run_worker_process
+
+    _setup()
+    settings = get_settings()
+    channels = channel or [c.strip() for c in settings.worker_channels.split(",") if c.strip()]
+    unknown = [c for c in channels if c not in ALL_CHANNELS]
+    if unknown:
+        raise typer.BadParameter(f"unknown channel(s) {unknown}; choose from {list(ALL_CHANNELS)}")
+    _run(run_worker_process(settings, channels))
+
+
+@app.command("smtp-sink")
+def smtp_sink(
+    maildir: Annotated[Path, typer.Option(help="Maildir folder")],
+    host: str = "127.0.0.1",
+    port: int = 2525,
+) -> None:
+    """Run a local SMTP server that stores every message in a Maildir."""
+    from switchboard.embedded import run_smtp_sink
+
+    run_smtp_sink(maildir, host, port)
+
+
+@tenants_app.command("create")
+def tenants_create(
+    name: Annotated[str, typer.Argument(help="tenant name: a-z 0-9 '-'")],
+    display_name: Annotated[str, typer.Option(help="human-readable name")] = "",
+) -> None:
+    """Create a tenant and print its first API key (shown once)."""
+    import asyncpg
+
+    from tenants.store import TenantExists, create_api_key, create_tenant
+
+    async def create() -> tuple[str, str]:
+        conn = await asyncpg.connect(get_settings().require_database_url())
+        try:
+            async with conn.transaction():
+                tenant = await create_tenant(conn, name, display_name)
+                key = await create_api_key(conn, tenant.id)
+            return str(tenant.id), key.token
+        finally:
+            await conn.close()
+
+    try:
+        tenant_id, token = asyncio.run(create())
+    except (TenantExists, ValueError) as exc:
+        console.print(f"[red]{exc}[/red]")
+        raise typer.Exit(1) from None
+    table = Table(show_header=False)
+    table.add_row("tenant", name)
+    table.add_row("tenant id", tenant_id)
+    table.add_row("API key (shown once)", token)
+    console.print(table)
+
+
+@app.command()
+def dev() -> None:
+    """Run the whole stack locally on embedded defaults until Ctrl-C."""
+    from switchboard.dev import DevStack, run_until_signal
+
+    _setup()
+    stack = DevStack(get_settings())
+    console.print("starting the dev stack ...")
+    stack.start()
+    table = Table(title="Switchboard dev stack", show_header=False)
+    for what, where in stack.describe():
+        table.add_row(what, where)
+    console.print(table)
+    console.print("Ctrl-C stops everything.")
+    raise typer.Exit(run_until_signal(stack))
+
+
+@app.command()
+def demo(
+    timeout: Annotated[float, typer.Option(help="seconds to wait for every delivery")] = 60.0,
+) -> None:
+    """Start the dev stack, send one notification on every channel, print where each landed."""
+    from switchboard.demo import demo_api_key, print_result, send_and_wait
+    from switchboard.notify.v1 import notify_pb2
+    from switchboard.dev import DevStack
+
+    _setup()
+    stack = DevStack(get_settings())
+    console.print("starting the dev stack ...")
+    try:
+        stack.start()
+        for what, where in stack.describe():
+            console.print(f"  {what}: {where}")
+        api_key = asyncio.run(demo_api_key(stack.database_url))
+        result = asyncio.run(send_and_wait(stack, api_key, timeout))
+    finally:
+        stack.stop()
+    print_result(console, result)
+    if result.ok:
+        console.print(f"[green]every delivery DELIVERED in {result.elapsed_s:.2f} s[/green]")
+        return
+    failed = [d for d in result.notification.deliveries if d.status != notify_pb2.DELIVERY_STATUS_DELIVERED]
+    reasons = "; ".join(f"{d.delivery_id}: {d.last_error or 'not final before the timeout'}" for d in failed)
+    console.print(f"[red]not every delivery was DELIVERED: {reasons}[/red]", highlight=False)
+    raise typer.Exit(1)
+
+
+def main() -> None:
+    """Entry point for ``python -m switchboard.cli``."""
+    app(prog_name="switchboard")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

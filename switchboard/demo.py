@@ -1,0 +1,138 @@
+"""`switchboard demo`: one notification on every channel through the real API.
+
+Brings up the dev stack, creates (or reuses) the tenant ``demo`` with a fresh
+API key, calls ``SendNotification`` over gRPC for EMAIL, SMS and PUSH, polls
+``GetNotification`` until every delivery is final or the timeout passes, and
+prints where each delivery landed. Exit code 0 only if all were DELIVERED.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import mailbox
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import asyncpg
+import grpc
+from rich.console import Console
+from rich.table import Table
+
+from channels.catalog import CHANNEL_NAMES
+from channels.sandbox import sandbox_file
+from switchboard.dev import DevStack
+from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
+from tenants.store import create_api_key, create_tenant, get_tenant_by_name
+
+DEMO_TENANT = "demo"
+FINAL = {notify_pb2.DELIVERY_STATUS_DELIVERED, notify_pb2.DELIVERY_STATUS_FAILED}
+
+
+@dataclass
+class DemoResult:
+    """What the demo saw: the final notification and where each delivery landed."""
+
+    notification: notify_pb2.Notification
+    landed: dict[str, str]
+    elapsed_s: float
+
+    @property
+    def ok(self) -> bool:
+        """Every delivery DELIVERED."""
+        return bool(self.notification.deliveries) and all(
+            d.status == notify_pb2.DELIVERY_STATUS_DELIVERED for d in self.notification.deliveries
+        )
+
+
+async def demo_api_key(database_url: str) -> str:
+    """Create the demo tenant if missing and return a new API key for it."""
+    conn = await asyncpg.connect(database_url)
+    try:
+        tenant = await get_tenant_by_name(conn, DEMO_TENANT) or await create_tenant(
+            conn, DEMO_TENANT, "Demo tenant"
+        )
+        return (await create_api_key(conn, tenant.id)).token
+    finally:
+        await conn.close()
+
+
+def find_in_maildir(maildir: Path, delivery_id: str) -> str:
+    """The Maildir file holding the email of ``delivery_id``, or ''."""
+    if not maildir.exists():
+        return ""
+    box = mailbox.Maildir(maildir, create=False)
+    for key, message in box.items():
+        if message.get("X-Switchboard-Delivery-Id") == delivery_id:
+            sub = "new" if (maildir / "new" / key).exists() else "cur"
+            return str(maildir / sub / key)
+    return ""
+
+
+def find_in_sandbox(path: Path, delivery_id: str) -> str:
+    """``<file>:<line>`` of ``delivery_id`` in a sandbox JSON-lines file, or ''."""
+    if not path.exists():
+        return ""
+    with path.open(encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if json.loads(line).get("delivery_id") == delivery_id:
+                return f"{path}:{number}"
+    return ""
+
+
+async def send_and_wait(stack: DevStack, api_key: str, timeout_s: float) -> DemoResult:
+    """Send the demo notification and poll until final or ``timeout_s``."""
+    started = time.monotonic()
+    metadata = (("authorization", f"Bearer {api_key}"),)
+    async with grpc.aio.insecure_channel(stack.grpc_addr) as channel:
+        stub = notify_pb2_grpc.NotificationServiceStub(channel)
+        request = notify_pb2.SendNotificationRequest(
+            request_id=str(uuid.uuid4()),
+            channels=[notify_pb2.CHANNEL_ALL],
+            recipient=notify_pb2.Recipient(
+                email="ada@example.com", phone_number="+14155550123",
+                fcm_token="demo-token:APA91bH_demo-registration-token",
+            ),
+            email=notify_pb2.EmailContent(subject="Hello from Switchboard",
+                                          text="Your first notification.",
+                                          html="<p>Your first <b>notification</b>.</p>"),
+            sms=notify_pb2.SmsContent(text="Hello from Switchboard"),
+            push=notify_pb2.PushContent(title="Hello", body="From Switchboard", data={"kind": "demo"}),
+            metadata={"source": "switchboard-demo"},
+        )
+        accepted = await stub.SendNotification(request, metadata=metadata, timeout=10)
+        deadline = started + timeout_s
+        while True:
+            got = await stub.GetNotification(
+                notify_pb2.GetNotificationRequest(notification_id=accepted.notification_id),
+                metadata=metadata, timeout=10,
+            )
+            notification = got.notification
+            if all(d.status in FINAL for d in notification.deliveries) or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.1)
+    landed: dict[str, str] = {}
+    for d in notification.deliveries:
+        name = CHANNEL_NAMES[d.channel]
+        if name == "email":
+            landed[d.delivery_id] = find_in_maildir(stack.maildir, d.delivery_id)
+        else:
+            landed[d.delivery_id] = find_in_sandbox(sandbox_file(stack.sandbox_dir, name), d.delivery_id)
+    return DemoResult(notification=notification, landed=landed, elapsed_s=time.monotonic() - started)
+
+
+def print_result(console: Console, result: DemoResult) -> None:
+    """The delivery table."""
+    table = Table(title=f"Notification {result.notification.notification_id}")
+    for column in ("channel", "delivery id", "status", "attempts", "provider", "landed in / last error"):
+        table.add_column(column, overflow="fold")
+    for d in result.notification.deliveries:
+        where = result.landed.get(d.delivery_id) or d.last_error or "-"
+        table.add_row(
+            CHANNEL_NAMES[d.channel], d.delivery_id,
+            notify_pb2.DeliveryStatus.Name(d.status).removeprefix("DELIVERY_STATUS_"),
+            str(d.attempts), d.provider, where,
+        )
+    console.print(table)
