@@ -60,8 +60,9 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
-async def claim_delivery(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested,
-                         provider_name: str) -> int | None:
+async def claim_delivery(
+    pool: asyncpg.Pool, event: events_pb2.DeliveryRequested, provider_name: str
+) -> int | None:
     """Mark the delivery SENDING and open attempt N; return N, or ``None`` for a duplicate event."""
     async with pool.acquire() as tx, tx.transaction():
         attempt = await tx.fetchval(
@@ -87,25 +88,32 @@ async def claim_delivery(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested
         return int(attempt)
 
 
-async def record_delivered(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested, attempt: int,
-                           provider_message_id: str) -> None:
+async def record_delivered(
+    pool: asyncpg.Pool, event: events_pb2.DeliveryRequested, attempt: int, provider_message_id: str
+) -> None:
     """Record a successful attempt: the delivery becomes DELIVERED (final)."""
     delivery_id = uuid.UUID(event.delivery_id)
     async with pool.acquire() as tx, tx.transaction():
         await tx.execute(
-            """UPDATE delivery_attempts SET outcome = 'delivered', provider_message_id = $3, finished_at = now()
+            """UPDATE delivery_attempts
+                  SET outcome = 'delivered', provider_message_id = $3, finished_at = now()
                 WHERE delivery_id = $1 AND attempt_number = $2""",
-            delivery_id, attempt, provider_message_id,
+            delivery_id,
+            attempt,
+            provider_message_id,
         )
         await tx.execute(
             """UPDATE deliveries SET status = 'delivered', provider_message_id = $2, last_error = '',
                       updated_at = now()
                 WHERE id = $1""",
-            delivery_id, provider_message_id,
+            delivery_id,
+            provider_message_id,
         )
 
 
-async def _attempt_history(tx: asyncpg.Connection, delivery_id: uuid.UUID) -> list[events_pb2.DeliveryAttempt]:
+async def _attempt_history(
+    tx: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, delivery_id: uuid.UUID
+) -> list[events_pb2.DeliveryAttempt]:
     rows = await tx.fetch(
         """SELECT attempt_number, provider, outcome, error, started_at, finished_at
              FROM delivery_attempts WHERE delivery_id = $1 ORDER BY attempt_number""",
@@ -113,7 +121,10 @@ async def _attempt_history(tx: asyncpg.Connection, delivery_id: uuid.UUID) -> li
     )
     return [
         events_pb2.DeliveryAttempt(
-            attempt_number=r["attempt_number"], provider=r["provider"], outcome=r["outcome"], error=r["error"],
+            attempt_number=r["attempt_number"],
+            provider=r["provider"],
+            outcome=r["outcome"],
+            error=r["error"],
             start_time=_timestamp(r["started_at"]),
             end_time=_timestamp(r["finished_at"] or r["started_at"]),
         )
@@ -121,9 +132,16 @@ async def _attempt_history(tx: asyncpg.Connection, delivery_id: uuid.UUID) -> li
     ]
 
 
-async def record_failure(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested, attempt: int,
-                         error: DeliveryError, *, max_attempts: int, retry_delay_s: float,
-                         topic_prefix: str) -> Outcome:
+async def record_failure(
+    pool: asyncpg.Pool,
+    event: events_pb2.DeliveryRequested,
+    attempt: int,
+    error: DeliveryError,
+    *,
+    max_attempts: int,
+    retry_delay_s: float,
+    topic_prefix: str,
+) -> Outcome:
     """Record a failed attempt; schedule a retry or end FAILED with a dead-letter event."""
     delivery_id = uuid.UUID(event.delivery_id)
     reason = error.reason[:ERROR_TEXT_MAX_CHARS]
@@ -133,40 +151,60 @@ async def record_failure(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested
         await tx.execute(
             """UPDATE delivery_attempts SET outcome = $3, error = $4, finished_at = now()
                 WHERE delivery_id = $1 AND attempt_number = $2""",
-            delivery_id, attempt, "retryable" if error.retryable else "permanent", reason,
+            delivery_id,
+            attempt,
+            "retryable" if error.retryable else "permanent",
+            reason,
         )
         if retry:
             due = datetime.now(UTC) + timedelta(seconds=retry_delay_s)
             await tx.execute(
                 """UPDATE deliveries SET status = 'queued', last_error = $2, next_attempt_at = $3,
                           updated_at = now() WHERE id = $1""",
-                delivery_id, reason, due,
+                delivery_id,
+                reason,
+                due,
             )
             await tx.execute(
                 "INSERT INTO outbox (topic, key, payload, available_at) VALUES ($1, $2, $3, $4)",
-                delivery_topic(channel, topic_prefix), event.tenant_id.encode("ascii"),
-                event.SerializeToString(), due,
+                delivery_topic(channel, topic_prefix),
+                event.tenant_id.encode("ascii"),
+                event.SerializeToString(),
+                due,
             )
             return Outcome.RETRY_SCHEDULED
         final_reason = reason if not error.retryable else f"gave up after {attempt} attempts: {reason}"
         await tx.execute(
             "UPDATE deliveries SET status = 'failed', last_error = $2, updated_at = now() WHERE id = $1",
-            delivery_id, final_reason,
+            delivery_id,
+            final_reason,
         )
         dead = events_pb2.DeliveryDeadLettered(
-            delivery=event, reason=final_reason, attempts=await _attempt_history(tx, delivery_id),
+            delivery=event,
+            reason=final_reason,
+            attempts=await _attempt_history(tx, delivery_id),
             dead_letter_time=_timestamp(datetime.now(UTC)),
         )
         await tx.execute(
             "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
-            dead_letter_topic(channel, topic_prefix), event.tenant_id.encode("ascii"), dead.SerializeToString(),
+            dead_letter_topic(channel, topic_prefix),
+            event.tenant_id.encode("ascii"),
+            dead.SerializeToString(),
         )
         await tx.execute("SELECT pg_notify($1, '')", OUTBOX_NOTIFY_CHANNEL)
         return Outcome.FAILED
 
 
-async def deliver(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested, provider: Provider, *,
-                  max_attempts: int, retry_base_s: float, retry_cap_s: float, topic_prefix: str = "") -> Outcome:
+async def deliver(
+    pool: asyncpg.Pool,
+    event: events_pb2.DeliveryRequested,
+    provider: Provider,
+    *,
+    max_attempts: int,
+    retry_base_s: float,
+    retry_cap_s: float,
+    topic_prefix: str = "",
+) -> Outcome:
     """Claim, send and record one delivery event; see the module docstring.
 
     Database errors propagate (the caller must not commit the offset then).
@@ -180,12 +218,25 @@ async def deliver(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested, provi
         delay = backoff_delay_s(attempt, retry_base_s, retry_cap_s)
         if error.retry_after_s is not None:
             delay = max(delay, error.retry_after_s)
-        return await record_failure(pool, event, attempt, error, max_attempts=max_attempts,
-                                    retry_delay_s=delay, topic_prefix=topic_prefix)
+        return await record_failure(
+            pool,
+            event,
+            attempt,
+            error,
+            max_attempts=max_attempts,
+            retry_delay_s=delay,
+            topic_prefix=topic_prefix,
+        )
     except Exception as exc:  # an unknown provider failure is retryable, a bounded number of times
-        error = RetryableDeliveryError(f"unexpected provider error: {type(exc).__name__}")
-        return await record_failure(pool, event, attempt, error, max_attempts=max_attempts,
-                                    retry_delay_s=backoff_delay_s(attempt, retry_base_s, retry_cap_s),
-                                    topic_prefix=topic_prefix)
+        unknown = RetryableDeliveryError(f"unexpected provider error: {type(exc).__name__}")
+        return await record_failure(
+            pool,
+            event,
+            attempt,
+            unknown,
+            max_attempts=max_attempts,
+            retry_delay_s=backoff_delay_s(attempt, retry_base_s, retry_cap_s),
+            topic_prefix=topic_prefix,
+        )
     await record_delivered(pool, event, attempt, result.provider_message_id)
     return Outcome.DELIVERED

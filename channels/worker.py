@@ -43,8 +43,9 @@ def consumer_group(channel: str, prefix: str = "") -> str:
 class ChannelWorker:
     """Consumes ``notify.<channel>`` for one channel and delivers each event."""
 
-    def __init__(self, pool: asyncpg.Pool, settings: Settings, channel: str,
-                 providers: DefaultProviders | None = None) -> None:
+    def __init__(
+        self, pool: asyncpg.Pool, settings: Settings, channel: str, providers: DefaultProviders | None = None
+    ) -> None:
         self._pool = pool
         self._settings = settings
         self.channel = channel
@@ -97,8 +98,9 @@ class ChannelWorker:
             offsets = {tp: OffsetAndMetadata(rs[-1].offset + 1, "") for tp, rs in batches.items() if rs}
             await self.commit_offsets(consumer, offsets)
 
-    async def commit_offsets(self, consumer: AIOKafkaConsumer,
-                             offsets: dict[TopicPartition, OffsetAndMetadata]) -> None:
+    async def commit_offsets(
+        self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
+    ) -> None:
         """Commit ``offsets``; called only after every outcome of the batch is recorded."""
         await consumer.commit(offsets)
 
@@ -125,14 +127,17 @@ class ChannelWorker:
             tenant_id = uuid.UUID(event.tenant_id)
             uuid.UUID(event.delivery_id)
         except (ValueError, DecodeError) as exc:
-            log.error("worker: undecodable event skipped", topic=record.topic, offset=record.offset,
-                      error=repr(exc))
+            log.error(
+                "worker: undecodable event skipped", topic=record.topic, offset=record.offset, error=repr(exc)
+            )
             self.outcomes[Outcome.SKIPPED] += 1
             return Outcome.SKIPPED
         provider = await self._providers.provider_for(tenant_id, self.channel)
         s = self._settings
         outcome = await deliver(
-            self._pool, event, provider,
+            self._pool,
+            event,
+            provider,
             max_attempts=s.worker_max_attempts,
             retry_base_s=s.worker_retry_base_ms / 1000,
             retry_cap_s=s.worker_retry_max_ms / 1000,

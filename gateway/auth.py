@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterable
 
 import asyncpg
 from cachetools import TTLCache
@@ -23,7 +23,7 @@ AUTH_CACHE_TTL_S = 5.0
 AUTH_CACHE_MAX_KEYS = 10_000
 
 
-def bearer_token(metadata: Sequence[tuple[str, str | bytes]] | None) -> str | None:
+def bearer_token(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
     """The token of the first ``authorization: Bearer <token>`` entry (RFC 6750), or ``None``."""
     for key, value in metadata or ():
         if key.lower() != "authorization":
@@ -47,7 +47,7 @@ class Authenticator:
         self._pool = pool
         self._cache: TTLCache[bytes, KeyLookup] = TTLCache(maxsize=AUTH_CACHE_MAX_KEYS, ttl=ttl_s)
 
-    async def tenant_id(self, metadata: Sequence[tuple[str, str | bytes]] | None) -> uuid.UUID:
+    async def tenant_id(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> uuid.UUID:
         """The authenticated tenant's id for this request's metadata."""
         token = bearer_token(metadata)
         if token is None:

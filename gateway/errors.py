@@ -59,7 +59,9 @@ def unauthenticated(message: str) -> status_pb2.Status:
 
 def permission_denied(message: str, reason: str) -> status_pb2.Status:
     """PERMISSION_DENIED: known caller, not allowed (e.g. a disabled tenant)."""
-    return status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message=message, details=_pack(error_info(reason)))
+    return status_pb2.Status(
+        code=code_pb2.PERMISSION_DENIED, message=message, details=_pack(error_info(reason))
+    )
 
 
 def not_found(resource: str, name: str) -> status_pb2.Status:

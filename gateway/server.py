@@ -35,7 +35,9 @@ class Gateway:
 
     async def set_serving(self, serving: bool) -> None:
         """Flip the overall and the NotificationService health status."""
-        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
         for name in ("", NOTIFICATION_SERVICE_NAME):
             await self.health.set(name, status)
 
@@ -58,8 +60,11 @@ async def start_gateway(pool: asyncpg.Pool, settings: Settings, address: str | N
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
-        [NOTIFICATION_SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-         reflection.SERVICE_NAME],
+        [
+            NOTIFICATION_SERVICE_NAME,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
         server,
     )
     port = server.add_insecure_port(address or settings.grpc_addr)

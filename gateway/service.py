@@ -6,7 +6,7 @@ from __future__ import annotations
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
 import grpc
@@ -37,16 +37,20 @@ async def _database_errors_as_unavailable() -> AsyncIterator[None]:
         yield
     except _DATABASE_ERRORS as exc:
         log.warning("database unavailable", error=type(exc).__name__)
-        raise RpcError(unavailable("the database is unavailable; retry with the same request_id",
-                                   DATABASE_RETRY_AFTER_MS)) from exc
+        raise RpcError(
+            unavailable(
+                "the database is unavailable; retry with the same request_id", DATABASE_RETRY_AFTER_MS
+            )
+        ) from exc
 
 
-async def _answer(context: grpc.aio.ServicerContext, call: Callable[[], Awaitable[T]]) -> T:
+async def _answer(context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
     try:
         return await call()
     except RpcError as exc:
-        await context.abort_with_status(rpc_status.to_status(exc.status))
-        raise AssertionError("abort_with_status returned") from exc
+        status = rpc_status.to_status(exc.status)
+        await context.abort(status.code, status.details, status.trailing_metadata)
+        raise AssertionError("abort returned") from exc
 
 
 class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
@@ -58,7 +62,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         self._topic_prefix = topic_prefix
 
     async def SendNotification(
-        self, request: notify_pb2.SendNotificationRequest, context: grpc.aio.ServicerContext
+        self, request: notify_pb2.SendNotificationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notify_pb2.SendNotificationResponse:
         async def call() -> notify_pb2.SendNotificationResponse:
             async with _database_errors_as_unavailable():
@@ -77,7 +81,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         return await _answer(context, call)
 
     async def SendNotificationBatch(
-        self, request: notify_pb2.SendNotificationBatchRequest, context: grpc.aio.ServicerContext
+        self, request: notify_pb2.SendNotificationBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notify_pb2.SendNotificationBatchResponse:
         async def call() -> notify_pb2.SendNotificationBatchResponse:
             async with _database_errors_as_unavailable():
@@ -106,7 +110,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         return await _answer(context, call)
 
     async def GetNotification(
-        self, request: notify_pb2.GetNotificationRequest, context: grpc.aio.ServicerContext
+        self, request: notify_pb2.GetNotificationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notify_pb2.GetNotificationResponse:
         async def call() -> notify_pb2.GetNotificationResponse:
             async with _database_errors_as_unavailable():
@@ -116,7 +120,11 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                 except ValueError:
                     raise RpcError(
                         invalid_argument(
-                            [FieldViolation(field="notification_id", description="must be a notification id (UUID)")]
+                            [
+                                FieldViolation(
+                                    field="notification_id", description="must be a notification id (UUID)"
+                                )
+                            ]
                         )
                     ) from None
                 notification = await get_notification(self._pool, tenant_id, notification_id)

@@ -58,7 +58,8 @@ async def get_notification(
     if row is None:
         return None
     deliveries = await conn.fetch(
-        """SELECT id, channel, recipient, status, attempts, last_error, provider, provider_message_id, updated_at
+        """SELECT id, channel, recipient, status, attempts, last_error, provider, provider_message_id,
+                  updated_at
              FROM deliveries WHERE notification_id = $1 AND tenant_id = $2 ORDER BY channel""",
         notification_id,
         tenant_id,
@@ -73,7 +74,7 @@ async def get_notification(
     for d in deliveries:
         notification.deliveries.add(
             delivery_id=str(d["id"]),
-            channel=CHANNEL_VALUES[d["channel"]],  # type: ignore[arg-type]
+            channel=CHANNEL_VALUES[d["channel"]],
             recipient=d["recipient"],
             status=DELIVERY_STATUS_VALUES[d["status"]],
             attempts=d["attempts"],

@@ -14,6 +14,7 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeAlias
 
 import phonenumbers
 from email_validator import EmailNotValidError, validate_email
@@ -22,7 +23,7 @@ from google.rpc.error_details_pb2 import BadRequest
 from channels.catalog import ALL_CHANNELS, CHANNEL_NAMES
 from switchboard.notify.v1 import notify_pb2
 
-FieldViolation = BadRequest.FieldViolation
+FieldViolation: TypeAlias = BadRequest.FieldViolation
 
 #: AIP-155 leaves the format open; we take 1-128 printable ASCII characters.
 REQUEST_ID_MAX_CHARS = 128
@@ -83,7 +84,9 @@ def validate_request_id(request_id: str, field: str = "request_id") -> list[Fiel
     if not request_id:
         return [_violation(field, "required: an idempotency key (AIP-155), e.g. a UUID")]
     if not _REQUEST_ID_RE.match(request_id):
-        return [_violation(field, f"must be 1-{REQUEST_ID_MAX_CHARS} printable ASCII characters without spaces")]
+        return [
+            _violation(field, f"must be 1-{REQUEST_ID_MAX_CHARS} printable ASCII characters without spaces")
+        ]
     return []
 
 
@@ -116,7 +119,9 @@ def normalize_e164(number: str) -> str:
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
 
 
-def _requested_channels(request: notify_pb2.SendNotificationRequest) -> tuple[tuple[str, ...], list[FieldViolation]]:
+def _requested_channels(
+    request: notify_pb2.SendNotificationRequest,
+) -> tuple[tuple[str, ...], list[FieldViolation]]:
     violations: list[FieldViolation] = []
     wanted: set[str] = set()
     if not request.channels:
@@ -131,7 +136,9 @@ def _requested_channels(request: notify_pb2.SendNotificationRequest) -> tuple[tu
     return tuple(c for c in ALL_CHANNELS if c in wanted), violations
 
 
-def _validate_email(request: notify_pb2.SendNotificationRequest, recipients: dict[str, str]) -> list[FieldViolation]:
+def _validate_email(
+    request: notify_pb2.SendNotificationRequest, recipients: dict[str, str]
+) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     if not request.recipient.email:
         violations.append(_violation("recipient.email", "required for the EMAIL channel"))
@@ -157,7 +164,9 @@ def _validate_email(request: notify_pb2.SendNotificationRequest, recipients: dic
     return violations
 
 
-def _validate_sms(request: notify_pb2.SendNotificationRequest, recipients: dict[str, str]) -> list[FieldViolation]:
+def _validate_sms(
+    request: notify_pb2.SendNotificationRequest, recipients: dict[str, str]
+) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     if not request.recipient.phone_number:
         violations.append(_violation("recipient.phone_number", "required for the SMS channel (E.164)"))
@@ -176,7 +185,9 @@ def _validate_sms(request: notify_pb2.SendNotificationRequest, recipients: dict[
     return violations
 
 
-def _validate_push(request: notify_pb2.SendNotificationRequest, recipients: dict[str, str]) -> list[FieldViolation]:
+def _validate_push(
+    request: notify_pb2.SendNotificationRequest, recipients: dict[str, str]
+) -> list[FieldViolation]:
     violations: list[FieldViolation] = []
     token = request.recipient.fcm_token
     if not token:
@@ -209,7 +220,9 @@ def _validate_push(request: notify_pb2.SendNotificationRequest, recipients: dict
         elif "\x00" in key or "\x00" in push.data[key]:
             violations.append(_violation(f'push.data["{key}"]', "must not contain NUL characters"))
     if total > PUSH_DATA_MAX_BYTES:
-        violations.append(_violation("push.data", f"keys and values together at most {PUSH_DATA_MAX_BYTES} bytes"))
+        violations.append(
+            _violation("push.data", f"keys and values together at most {PUSH_DATA_MAX_BYTES} bytes")
+        )
     return violations
 
 
@@ -226,7 +239,9 @@ def _validate_metadata(metadata: Mapping[str, str]) -> list[FieldViolation]:
                 )
             )
         elif len(value) > METADATA_VALUE_MAX_CHARS:
-            violations.append(_violation(f'metadata["{key}"]', f"values are at most {METADATA_VALUE_MAX_CHARS} characters"))
+            violations.append(
+                _violation(f'metadata["{key}"]', f"values are at most {METADATA_VALUE_MAX_CHARS} characters")
+            )
         elif "\x00" in value:
             violations.append(_violation(f'metadata["{key}"]', "must not contain NUL characters"))
     return violations

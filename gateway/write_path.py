@@ -19,6 +19,7 @@ import json
 import uuid
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from typing import TypeAlias
 
 import asyncpg
 import uuid6
@@ -42,7 +43,7 @@ class AcceptRequest:
     plan: NotificationPlan
 
 
-AcceptOutcome = notify_pb2.SendNotificationResponse | status_pb2.Status
+AcceptOutcome: TypeAlias = notify_pb2.SendNotificationResponse | status_pb2.Status
 
 
 def request_fingerprint(request: notify_pb2.SendNotificationRequest) -> bytes:
@@ -117,7 +118,7 @@ def _plan_rows(
         ).SerializeToString()
         rows.deliveries.append((delivery_id, notification_id, tenant_id, channel, recipient, event, now))
         rows.outbox.append((delivery_topic(channel, topic_prefix), key, event, now))
-        response.deliveries.add(channel=CHANNEL_VALUES[channel], delivery_id=str(delivery_id))  # type: ignore[arg-type]
+        response.deliveries.add(channel=CHANNEL_VALUES[channel], delivery_id=str(delivery_id))
     return response
 
 
@@ -154,7 +155,8 @@ async def accept_notifications(
                 continue
             # A replay or a mismatch: nothing planned for this item is written.
             existing = await conn.fetchrow(
-                "SELECT request_hash, response FROM idempotency_keys WHERE tenant_id = $1 AND request_id = $2",
+                """SELECT request_hash, response FROM idempotency_keys
+                    WHERE tenant_id = $1 AND request_id = $2""",
                 tenant_id,
                 item.request.request_id,
             )

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -14,8 +13,11 @@ from rich.table import Table
 from switchboard.logs import configure_logging
 from switchboard.settings import get_settings
 
-app = typer.Typer(help="Switchboard: multi-tenant gRPC gateway for notifications and payments.",
-                  no_args_is_help=True, add_completion=False)
+app = typer.Typer(
+    help="Switchboard: multi-tenant gRPC gateway for notifications and payments.",
+    no_args_is_help=True,
+    add_completion=False,
+)
 tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
 console = Console()
@@ -147,8 +149,8 @@ def demo(
 ) -> None:
     """Start the dev stack, send one notification on every channel, print where each landed."""
     from switchboard.demo import demo_api_key, print_result, send_and_wait
-    from switchboard.notify.v1 import notify_pb2
     from switchboard.dev import DevStack
+    from switchboard.notify.v1 import notify_pb2
 
     _setup()
     stack = DevStack(get_settings())
@@ -177,4 +179,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

