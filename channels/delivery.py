@@ -160,16 +160,17 @@ async def record_failure(
             due = datetime.now(UTC) + timedelta(seconds=retry_delay_s)
             await tx.execute(
                 """UPDATE deliveries SET status = 'queued', last_error = $2, next_attempt_at = $3,
-                          updated_at = now() WHERE id = $1""",
+                          last_enqueued_at = now(), updated_at = now() WHERE id = $1""",
                 delivery_id,
                 reason,
                 due,
             )
             await tx.execute(
-                "INSERT INTO outbox (topic, key, payload, available_at) VALUES ($1, $2, $3, $4)",
+                "INSERT INTO outbox (topic, key, payload, delivery_id, available_at) VALUES ($1, $2, $3, $4, $5)",
                 delivery_topic(channel, topic_prefix),
                 event.tenant_id.encode("ascii"),
                 event.SerializeToString(),
+                delivery_id,
                 due,
             )
             return Outcome.RETRY_SCHEDULED

@@ -1,4 +1,4 @@
-"""The outbox relay: publishes committed outbox rows to Kafka.
+"""The outbox relay: publishes committed outbox rows to Kafka, and sweeps lost deliveries back.
 
 Each round claims up to ``relay_batch_size`` due, unpublished rows with
 ``FOR UPDATE SKIP LOCKED`` (so several relays share the work without
@@ -46,11 +46,54 @@ async def publish_batch(pool: asyncpg.Pool, producer: AIOKafkaProducer, batch_si
         if not rows:
             return 0
         futures = [await producer.send(r["topic"], value=r["payload"], key=r["key"]) for r in rows]
-        await asyncio.gather(*futures)
+        acks = await asyncio.gather(*futures)
+        log.debug("acknowledged", first=str(acks[0].topic_partition), offset=acks[0].offset, count=len(acks))
         await conn.execute(
             "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
         )
         return len(rows)
+
+
+async def sweep_unfinished_deliveries(pool: asyncpg.Pool, *, after_s: float, topic_prefix: str,
+                                      limit: int = 1000) -> int:
+    """Re-publish deliveries still QUEUED or SENDING ``after_s`` s after their last
+    outbox row was written (and whose retry, if any, was due that long ago);
+    return how many.
+
+    This is what makes "nothing accepted is lost" hold when the broker loses
+    messages it acknowledged (a memory-only broker restarting, unclean leader
+    election, retention expiry) or a worker dies mid-send. The duplicates it may
+    create are absorbed by the idempotent consumer. Rows with an unpublished
+    outbox row are skipped; ``FOR UPDATE SKIP LOCKED`` lets several relays sweep.
+    """
+    async with pool.acquire() as conn, conn.transaction():
+        swept = await conn.fetchval(
+            """WITH due AS (
+                   SELECT d.id FROM deliveries d
+                    WHERE d.status IN ('queued', 'sending')
+                      AND d.last_enqueued_at < now() - make_interval(secs => $2)
+                      AND (d.next_attempt_at IS NULL OR d.next_attempt_at < now() - make_interval(secs => $2))
+                      AND NOT EXISTS (SELECT 1 FROM outbox o
+                                       WHERE o.delivery_id = d.id AND o.published_at IS NULL)
+                    ORDER BY d.last_enqueued_at
+                    LIMIT $3
+                    FOR UPDATE SKIP LOCKED),
+               touched AS (
+                   UPDATE deliveries d SET last_enqueued_at = now()
+                     FROM due WHERE d.id = due.id
+                   RETURNING d.id, d.tenant_id, d.channel, d.event),
+               inserted AS (
+                   INSERT INTO outbox (topic, key, payload, delivery_id)
+                   SELECT $1 || 'notify.' || channel, convert_to(tenant_id::text, 'UTF8'), event, id FROM touched
+                   RETURNING 1)
+               SELECT count(*) FROM inserted""",
+            topic_prefix,
+            after_s,
+            limit,
+        )
+        if swept:
+            await conn.execute("SELECT pg_notify($1, '')", OUTBOX_NOTIFY_CHANNEL)
+    return int(swept or 0)
 
 
 class OutboxRelay:
@@ -62,6 +105,7 @@ class OutboxRelay:
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
         self.published = 0
+        self.swept = 0
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
@@ -77,9 +121,19 @@ class OutboxRelay:
         producer: AIOKafkaProducer | None = None
         listener: asyncpg.Connection | None = None
         topics_ready = False
+        next_sweep = 0.0
+        loop = asyncio.get_running_loop()
         try:
             while not self._stopping.is_set():
                 try:
+                    if loop.time() >= next_sweep:
+                        next_sweep = loop.time() + settings.relay_sweep_interval_s
+                        swept = await sweep_unfinished_deliveries(
+                            self._pool, after_s=settings.relay_sweep_after_s, topic_prefix=settings.kafka_topic_prefix
+                        )
+                        if swept:
+                            self.swept += swept
+                            log.warning("swept unfinished deliveries back to the outbox", count=swept)
                     if listener is None or listener.is_closed():
                         listener = await asyncpg.connect(settings.require_database_url())
                         await listener.add_listener(OUTBOX_NOTIFY_CHANNEL, self._on_notify)
@@ -98,8 +152,9 @@ class OutboxRelay:
                     if sent:
                         log.debug("published", count=sent)
                         continue
+                    wait_s = min(settings.relay_poll_interval_ms / 1000, max(0.0, next_sweep - loop.time()))
                     with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), settings.relay_poll_interval_ms / 1000)
+                        await asyncio.wait_for(self._wake.wait(), wait_s)
                 except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
                     log.warning("relay: database error, backing off", error=repr(exc))
                     if listener is not None:

@@ -117,7 +117,7 @@ def _plan_rows(
             accept_time=accept_time,
         ).SerializeToString()
         rows.deliveries.append((delivery_id, notification_id, tenant_id, channel, recipient, event, now))
-        rows.outbox.append((delivery_topic(channel, topic_prefix), key, event, now))
+        rows.outbox.append((delivery_topic(channel, topic_prefix), key, event, delivery_id, now))
         response.deliveries.add(channel=CHANNEL_VALUES[channel], delivery_id=str(delivery_id))
     return response
 
@@ -178,7 +178,8 @@ async def accept_notifications(
                 rows.deliveries,
             )
             await conn.executemany(
-                "INSERT INTO outbox (topic, key, payload, created_at) VALUES ($1, $2, $3, $4)", rows.outbox
+                "INSERT INTO outbox (topic, key, payload, delivery_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+                rows.outbox,
             )
             await conn.execute("SELECT pg_notify($1, '')", OUTBOX_NOTIFY_CHANNEL)
     return outcomes

@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     relay_poll_interval_ms: int = Field(default=200, ge=1, description="poll when no NOTIFY arrives")
     relay_error_backoff_ms: int = Field(default=500, ge=1)
+    relay_sweep_interval_s: float = Field(default=10.0, gt=0, description="how often the sweeper runs")
+    relay_sweep_after_s: float = Field(
+        default=120.0, gt=0, description="re-publish deliveries unfinished this long after their last publish"
+    )
 
     # Channel workers.
     worker_channels: str = Field(default="email,sms,push", description="channels a worker process consumes")

@@ -54,12 +54,16 @@ CREATE TABLE deliveries (
     last_error          text NOT NULL DEFAULT '',
     -- A scheduled retry: messages for this delivery arriving earlier are duplicates.
     next_attempt_at     timestamptz,
+    -- When an outbox row for it was last written; the sweeper re-publishes
+    -- deliveries that stay unfinished long after this.
+    last_enqueued_at    timestamptz NOT NULL DEFAULT now(),
     -- The serialized DeliveryRequested event, republished for retries.
     event               bytea NOT NULL,
     created_at          timestamptz NOT NULL DEFAULT now(),
     updated_at          timestamptz NOT NULL DEFAULT now()
 );
 CREATE INDEX deliveries_notification_idx ON deliveries (notification_id);
+CREATE INDEX deliveries_unfinished_idx ON deliveries (last_enqueued_at) WHERE status IN ('queued', 'sending');
 
 CREATE TABLE delivery_attempts (
     delivery_id         uuid NOT NULL REFERENCES deliveries (id),
@@ -81,8 +85,11 @@ CREATE TABLE outbox (
     topic         text NOT NULL,
     key           bytea NOT NULL,
     payload       bytea NOT NULL,
+    -- The delivery a DeliveryRequested row is for (NULL for other events).
+    delivery_id   uuid,
     created_at    timestamptz NOT NULL DEFAULT now(),
     available_at  timestamptz NOT NULL DEFAULT now(),
     published_at  timestamptz
 );
 CREATE INDEX outbox_pending_idx ON outbox (available_at, id) WHERE published_at IS NULL;
+CREATE INDEX outbox_pending_delivery_idx ON outbox (delivery_id) WHERE published_at IS NULL;

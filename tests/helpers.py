@@ -1,0 +1,101 @@
+"""Test helpers: request builders, polling with a deadline, row counts."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import TypeVar
+
+import asyncpg
+
+from channels.registry import DefaultProviders
+from channels.worker import ChannelWorker
+from gateway.relay import OutboxRelay
+from switchboard.notify.v1 import notify_pb2
+from switchboard.settings import Settings
+
+T = TypeVar("T")
+TABLES = ("notifications", "deliveries", "delivery_attempts", "outbox", "idempotency_keys")
+
+
+def send_request(**overrides: object) -> notify_pb2.SendNotificationRequest:
+    """A valid all-channel request; keyword arguments replace top-level fields."""
+    request = notify_pb2.SendNotificationRequest(
+        request_id=str(uuid.uuid4()),
+        channels=[notify_pb2.CHANNEL_ALL],
+        recipient=notify_pb2.Recipient(
+            email="ada@example.com", phone_number="+14155550123", fcm_token="tok:APA91b-test_token"
+        ),
+        email=notify_pb2.EmailContent(subject="Hello", text="Plain body", html="<p>HTML body</p>"),
+        sms=notify_pb2.SmsContent(text="Hello by SMS"),
+        push=notify_pb2.PushContent(title="Hello", body="By push", data={"k": "v"}),
+        metadata={"order": "42"},
+    )
+    for name, value in overrides.items():
+        field = getattr(request, name)
+        if hasattr(field, "CopyFrom") and not isinstance(value, list | dict):
+            field.CopyFrom(value)
+        elif isinstance(value, list):
+            del field[:]
+            field.extend(value)
+        elif isinstance(value, dict):
+            field.clear()
+            field.update(value)
+        else:
+            setattr(request, name, value)
+    return request
+
+
+async def wait_for(
+    check: Callable[[], Awaitable[T | None]], timeout_s: float = 20.0, interval_s: float = 0.05
+) -> T:
+    """Poll ``check`` until it returns a truthy value; fail after ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = await check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"condition not met within {timeout_s} s")
+        await asyncio.sleep(interval_s)
+
+
+async def row_counts(pool: asyncpg.Pool) -> dict[str, int]:
+    """Row count of every table the write path touches."""
+    counts = {}
+    async with pool.acquire() as conn:
+        for table in TABLES:
+            counts[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
+    return counts
+
+
+async def delivery_statuses(pool: asyncpg.Pool, notification_id: str) -> dict[str, str]:
+    """channel -> status for one notification."""
+    rows = await pool.fetch(
+        "SELECT channel, status FROM deliveries WHERE notification_id = $1", uuid.UUID(notification_id)
+    )
+    return {r["channel"]: r["status"] for r in rows}
+
+
+@contextlib.asynccontextmanager
+async def running_pipeline(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    channels: tuple[str, ...] = ("email", "sms", "push"),
+    providers: DefaultProviders | None = None,
+) -> AsyncIterator[list[ChannelWorker]]:
+    """Run one relay and one worker per channel as tasks for the duration of the block."""
+    relay = OutboxRelay(pool, settings)
+    providers = providers or DefaultProviders(settings)
+    workers = [ChannelWorker(pool, settings, channel, providers) for channel in channels]
+    tasks = [asyncio.create_task(relay.run())] + [asyncio.create_task(w.run()) for w in workers]
+    try:
+        yield workers
+    finally:
+        relay.stop()
+        for worker in workers:
+            worker.stop()
+        await asyncio.gather(*tasks)
