@@ -29,6 +29,7 @@ from google.protobuf import timestamp_pb2
 from channels.catalog import CHANNEL_NAMES, dead_letter_topic, delivery_topic
 from channels.provider import DeliveryError, Provider, RetryableDeliveryError
 from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
+from switchboard.db.pool import Connection
 from switchboard.notify.v1 import events_pb2
 
 #: Longest error text stored per attempt (characters).
@@ -111,9 +112,7 @@ async def record_delivered(
         )
 
 
-async def _attempt_history(
-    tx: asyncpg.Connection | asyncpg.pool.PoolConnectionProxy, delivery_id: uuid.UUID
-) -> list[events_pb2.DeliveryAttempt]:
+async def _attempt_history(tx: Connection, delivery_id: uuid.UUID) -> list[events_pb2.DeliveryAttempt]:
     rows = await tx.fetch(
         """SELECT attempt_number, provider, outcome, error, started_at, finished_at
              FROM delivery_attempts WHERE delivery_id = $1 ORDER BY attempt_number""",
@@ -166,7 +165,8 @@ async def record_failure(
                 due,
             )
             await tx.execute(
-                "INSERT INTO outbox (topic, key, payload, delivery_id, available_at) VALUES ($1, $2, $3, $4, $5)",
+                """INSERT INTO outbox (topic, key, payload, delivery_id, available_at)
+                   VALUES ($1, $2, $3, $4, $5)""",
                 delivery_topic(channel, topic_prefix),
                 event.tenant_id.encode("ascii"),
                 event.SerializeToString(),

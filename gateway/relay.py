@@ -54,8 +54,9 @@ async def publish_batch(pool: asyncpg.Pool, producer: AIOKafkaProducer, batch_si
         return len(rows)
 
 
-async def sweep_unfinished_deliveries(pool: asyncpg.Pool, *, after_s: float, topic_prefix: str,
-                                      limit: int = 1000) -> int:
+async def sweep_unfinished_deliveries(
+    pool: asyncpg.Pool, *, after_s: float, topic_prefix: str, limit: int = 1000
+) -> int:
     """Re-publish deliveries still QUEUED or SENDING ``after_s`` s after their last
     outbox row was written (and whose retry, if any, was due that long ago);
     return how many.
@@ -84,7 +85,8 @@ async def sweep_unfinished_deliveries(pool: asyncpg.Pool, *, after_s: float, top
                    RETURNING d.id, d.tenant_id, d.channel, d.event),
                inserted AS (
                    INSERT INTO outbox (topic, key, payload, delivery_id)
-                   SELECT $1 || 'notify.' || channel, convert_to(tenant_id::text, 'UTF8'), event, id FROM touched
+                   SELECT $1 || 'notify.' || channel, convert_to(tenant_id::text, 'UTF8'), event, id
+                     FROM touched
                    RETURNING 1)
                SELECT count(*) FROM inserted""",
             topic_prefix,
@@ -129,7 +131,9 @@ class OutboxRelay:
                     if loop.time() >= next_sweep:
                         next_sweep = loop.time() + settings.relay_sweep_interval_s
                         swept = await sweep_unfinished_deliveries(
-                            self._pool, after_s=settings.relay_sweep_after_s, topic_prefix=settings.kafka_topic_prefix
+                            self._pool,
+                            after_s=settings.relay_sweep_after_s,
+                            topic_prefix=settings.kafka_topic_prefix,
                         )
                         if swept:
                             self.swept += swept

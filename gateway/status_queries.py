@@ -10,6 +10,7 @@ import asyncpg
 from google.protobuf import timestamp_pb2
 
 from channels.catalog import CHANNEL_VALUES
+from switchboard.db.pool import Connection
 from switchboard.notify.v1 import notify_pb2
 
 DELIVERY_STATUS_VALUES: dict[str, notify_pb2.DeliveryStatus.ValueType] = {
@@ -44,7 +45,7 @@ def _timestamp(value: object) -> timestamp_pb2.Timestamp:
 
 
 async def get_notification(
-    conn: asyncpg.Pool | asyncpg.Connection, tenant_id: uuid.UUID, notification_id: uuid.UUID
+    conn: asyncpg.Pool | Connection, tenant_id: uuid.UUID, notification_id: uuid.UUID
 ) -> notify_pb2.Notification | None:
     """The notification ``notification_id`` of ``tenant_id`` with its deliveries, or ``None``.
 

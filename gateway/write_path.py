@@ -178,7 +178,8 @@ async def accept_notifications(
                 rows.deliveries,
             )
             await conn.executemany(
-                "INSERT INTO outbox (topic, key, payload, delivery_id, created_at) VALUES ($1, $2, $3, $4, $5)",
+                """INSERT INTO outbox (topic, key, payload, delivery_id, created_at)
+                   VALUES ($1, $2, $3, $4, $5)""",
                 rows.outbox,
             )
             await conn.execute("SELECT pg_notify($1, '')", OUTBOX_NOTIFY_CHANNEL)

@@ -132,15 +132,18 @@ def dev() -> None:
     from switchboard.dev import DevStack, run_until_signal
 
     _setup()
-    stack = DevStack(get_settings())
+
+    def banner(stack: DevStack) -> None:
+        table = Table(title="Switchboard dev stack", show_header=False)
+        table.add_column("what")
+        table.add_column("where", overflow="fold")
+        for what, where in stack.describe():
+            table.add_row(what, where)
+        console.print(table)
+        console.print("Ctrl-C stops everything.")
+
     console.print("starting the dev stack ...")
-    stack.start()
-    table = Table(title="Switchboard dev stack", show_header=False)
-    for what, where in stack.describe():
-        table.add_row(what, where)
-    console.print(table)
-    console.print("Ctrl-C stops everything.")
-    raise typer.Exit(run_until_signal(stack))
+    raise typer.Exit(run_until_signal(DevStack(get_settings()), on_started=banner))
 
 
 @app.command()

@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -200,18 +201,27 @@ async def _ensure_database(admin_dsn: str, name: str) -> None:
         await conn.close()
 
 
-def run_until_signal(stack: DevStack) -> int:
-    """Block until SIGTERM/SIGINT or a child exits; stop the stack; return an exit code."""
-    stopping = False
+class ShutdownRequested(BaseException):
+    """Raised by the SIGTERM/SIGINT handler to abort a stack that is still starting."""
+
+
+def run_until_signal(stack: DevStack, on_started: Callable[[DevStack], None] | None = None) -> int:
+    """Start ``stack``, block until SIGTERM/SIGINT or a child exits, stop it; return an exit code.
+
+    The signal handlers are installed before anything starts, so a signal
+    during start-up also stops everything that already runs (exit code 0).
+    """
 
     def _on_signal(*_: object) -> None:
-        nonlocal stopping
-        stopping = True
+        raise ShutdownRequested
 
     previous = {sig: signal.signal(sig, _on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
     code = 0
     try:
-        while not stopping:
+        stack.start()
+        if on_started is not None:
+            on_started(stack)
+        while True:
             dead = stack.exited_child()
             if dead is not None:
                 print(
@@ -222,7 +232,12 @@ def run_until_signal(stack: DevStack) -> int:
                 code = 1
                 break
             time.sleep(0.2)
+    except ShutdownRequested:
+        pass
     finally:
+        # Stopping must not be interrupted by a second signal half-way.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, signal.SIG_IGN)
         stack.stop()
         for sig, handler in previous.items():
             signal.signal(sig, handler)

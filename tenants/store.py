@@ -12,6 +12,7 @@ from datetime import datetime
 
 import asyncpg
 
+from switchboard.db.pool import Connection
 from tenants.api_keys import NewApiKey, ParsedApiKey, generate_api_key, secret_matches
 
 
@@ -42,7 +43,7 @@ class KeyLookup:
     tenant_disabled: bool = False
 
 
-async def create_tenant(conn: asyncpg.Connection, name: str, display_name: str = "") -> Tenant:
+async def create_tenant(conn: Connection, name: str, display_name: str = "") -> Tenant:
     """Insert a tenant named ``name`` (lowercase letters, digits, '-'; at most 63).
 
     Raises ``TenantExists`` if the name is taken and ``ValueError`` if it is malformed.
@@ -63,7 +64,7 @@ async def create_tenant(conn: asyncpg.Connection, name: str, display_name: str =
     return Tenant(**dict(row))
 
 
-async def get_tenant_by_name(conn: asyncpg.Connection, name: str) -> Tenant | None:
+async def get_tenant_by_name(conn: Connection, name: str) -> Tenant | None:
     """The tenant named ``name``, or ``None``."""
     row = await conn.fetchrow(
         "SELECT id, name, display_name, created_at, disabled_at FROM tenants WHERE name = $1", name
@@ -71,7 +72,7 @@ async def get_tenant_by_name(conn: asyncpg.Connection, name: str) -> Tenant | No
     return Tenant(**dict(row)) if row else None
 
 
-async def create_api_key(conn: asyncpg.Connection, tenant_id: uuid.UUID) -> NewApiKey:
+async def create_api_key(conn: Connection, tenant_id: uuid.UUID) -> NewApiKey:
     """Generate a key for ``tenant_id`` and store its id and hash; the token is returned once."""
     key = generate_api_key()
     await conn.execute(
@@ -84,7 +85,7 @@ async def create_api_key(conn: asyncpg.Connection, tenant_id: uuid.UUID) -> NewA
     return key
 
 
-async def lookup_api_key(conn: asyncpg.Connection | asyncpg.Pool, presented: ParsedApiKey) -> KeyLookup:
+async def lookup_api_key(conn: Connection | asyncpg.Pool, presented: ParsedApiKey) -> KeyLookup:
     """Resolve a presented key to its tenant (constant-time secret comparison)."""
     row = await conn.fetchrow(
         """SELECT k.tenant_id, k.secret_sha256, k.revoked_at, t.disabled_at

@@ -22,6 +22,7 @@ import grpc
 import pytest
 from aiosmtpd.controller import Controller
 from aiosmtpd.handlers import Mailbox
+from pydantic import SecretStr
 
 from gateway.server import Gateway, start_gateway
 from switchboard.db.migrate import migrate
@@ -93,7 +94,7 @@ def smtp_sink(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SmtpSink]:
 
 
 @pytest.fixture
-async def database_url(postgres: EmbeddedPostgres) -> AsyncIterator[str]:
+async def database_url(postgres: EmbeddedPostgres) -> str:
     """A fresh, migrated database for this test (cloned from the template)."""
     name = f"test_{next(_counter)}_{uuid.uuid4().hex[:8]}"
     conn = await asyncpg.connect(postgres.dsn())
@@ -101,14 +102,14 @@ async def database_url(postgres: EmbeddedPostgres) -> AsyncIterator[str]:
         await conn.execute(f'CREATE DATABASE "{name}" TEMPLATE "{TEMPLATE_DB}"')
     finally:
         await conn.close()
-    yield postgres.dsn(name)
+    return postgres.dsn(name)
 
 
 @pytest.fixture
 def settings(database_url: str, kafka: EmbeddedKafka, smtp_sink: SmtpSink, tmp_path: Path) -> Settings:
     """Settings pointing at this test's database, topics, SMTP sink and sandbox."""
     return Settings(
-        database_url=database_url,
+        database_url=SecretStr(database_url),
         kafka_bootstrap=kafka.bootstrap,
         kafka_idempotence=False,
         kafka_topic_prefix=f"t{uuid.uuid4().hex[:10]}.",
@@ -176,7 +177,7 @@ async def gateway(pool: asyncpg.Pool, settings: Settings) -> AsyncIterator[Gatew
 
 
 @pytest.fixture
-async def stub(gateway: Gateway) -> AsyncIterator[notify_pb2_grpc.NotificationServiceStub]:
+async def stub(gateway: Gateway) -> AsyncIterator[notify_pb2_grpc.NotificationServiceAsyncStub]:
     """A NotificationService client connected to the test gateway."""
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         yield notify_pb2_grpc.NotificationServiceStub(channel)

@@ -14,7 +14,7 @@ from tests.helpers import running_pipeline, send_request, wait_for
 
 
 async def test_notification_is_delivered_on_every_channel(
-    stub: notify_pb2_grpc.NotificationServiceStub,
+    stub: notify_pb2_grpc.NotificationServiceAsyncStub,
     tenant: TenantCredentials,
     pool: asyncpg.Pool,
     settings: Settings,

@@ -15,12 +15,12 @@ from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from tests.conftest import TenantCredentials
 from tests.helpers import row_counts, send_request
 
-Stub = notify_pb2_grpc.NotificationServiceStub
+Stub = notify_pb2_grpc.NotificationServiceAsyncStub
 
 
 def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
     """The google.rpc.Status carried in the error's trailing metadata."""
-    found = rpc_status.from_call(error)  # type: ignore[arg-type]
+    found: status_pb2.Status | None = rpc_status.from_call(error)  # type: ignore[arg-type]
     assert found is not None, "no rich status details"
     return found
 
@@ -28,18 +28,16 @@ def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:
 def violations(status: status_pb2.Status) -> dict[str, str]:
     """field -> description of the BadRequest detail."""
     for detail in status.details:
-        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
-            bad = error_details_pb2.BadRequest()
-            detail.Unpack(bad)
+        bad = error_details_pb2.BadRequest()
+        if detail.Unpack(bad):
             return {v.field: v.description for v in bad.field_violations}
     raise AssertionError("no BadRequest detail")
 
 
 def error_reason(status: status_pb2.Status) -> str:
     for detail in status.details:
-        if detail.Is(error_details_pb2.ErrorInfo.DESCRIPTOR):
-            info = error_details_pb2.ErrorInfo()
-            detail.Unpack(info)
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
             return info.reason
     raise AssertionError("no ErrorInfo detail")
 

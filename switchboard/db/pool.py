@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TypeAlias
+
 import asyncpg
+from asyncpg.pool import PoolConnectionProxy
 
 from switchboard.settings import Settings
+
+#: A connection, pooled or not (what query helpers take).
+Connection: TypeAlias = asyncpg.Connection | PoolConnectionProxy
 
 
 async def create_pool(settings: Settings) -> asyncpg.Pool:

@@ -1,0 +1,159 @@
+"""`switchboard demo` and `switchboard dev` as a newcomer runs them (subprocesses)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import psutil
+import pytest
+
+from switchboard.embedded import free_port, wait_for_port
+from switchboard.protogen import REPO_ROOT
+from tests.test_protos import buf  # noqa: F401  (fixture)
+
+pytestmark = pytest.mark.slow
+
+
+def stack_env(data_dir: Path) -> dict[str, str]:
+    """Environment for a dev stack on free ports with its own data folder."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
+    env.update(
+        SWITCHBOARD_DATA_DIR=str(data_dir),
+        SWITCHBOARD_GRPC_ADDR=f"127.0.0.1:{free_port()}",
+        SWITCHBOARD_DEV_POSTGRES_PORT=str(free_port()),
+        SWITCHBOARD_DEV_KAFKA_PORT=str(free_port()),
+        SWITCHBOARD_SMTP_PORT=str(free_port()),
+    )
+    return env
+
+
+def leftover_processes(data_dir: Path, env: dict[str, str]) -> list[str]:
+    """Processes still running that belong to the stack in ``data_dir``."""
+    markers = [str(data_dir.resolve()), env["SWITCHBOARD_DEV_KAFKA_PORT"]]
+    found = []
+    for proc in psutil.process_iter(["pid", "cmdline", "environ"]):
+        try:
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            environ = proc.info["environ"] or {}
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if proc.pid == os.getpid():
+            continue
+        if any(m in cmdline for m in markers) or environ.get("SWITCHBOARD_DATA_DIR") == str(data_dir):
+            found.append(f"{proc.pid}: {cmdline}")
+    return found
+
+
+def switchboard(*args: str) -> list[str]:
+    return [sys.executable, "-m", "switchboard.cli", *args]
+
+
+def test_demo_delivers_every_channel_and_leaves_nothing_running(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo"
+    env = stack_env(data_dir)
+    result = subprocess.run(
+        switchboard("demo", "--timeout", "60"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("DELIVERED") >= 3
+    assert "every delivery DELIVERED" in result.stdout
+    mails = list((data_dir / "maildir" / "new").iterdir())
+    assert len(mails) == 1
+    assert "Subject: Hello from Switchboard" in mails[0].read_text()
+    assert (data_dir / "sandbox" / "sms.jsonl").exists()
+    assert (data_dir / "sandbox" / "push.jsonl").exists()
+    assert leftover_processes(data_dir, env) == []
+
+
+@pytest.fixture
+def dev_stack(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], dict[str, str], Path]]:
+    data_dir = tmp_path / "dev"
+    env = stack_env(data_dir)
+    process = subprocess.Popen(
+        switchboard("dev"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=tmp_path
+    )
+    try:
+        assert process.stdout is not None
+        banner = []
+        for line in process.stdout:  # bounded: the process exits or prints the banner
+            banner.append(line)
+            if "Ctrl-C stops everything" in line:
+                break
+        assert process.poll() is None, "".join(banner)
+        host, _, port = env["SWITCHBOARD_GRPC_ADDR"].rpartition(":")
+        wait_for_port(host, int(port), 10)
+        yield process, env, data_dir
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_buf_curl_calls_send_notification_through_reflection(
+    dev_stack: tuple[subprocess.Popen[str], dict[str, str], Path],
+    buf: str,  # noqa: F811
+) -> None:
+    _process, env, _data_dir = dev_stack
+    dsn = f"postgresql://postgres@127.0.0.1:{env['SWITCHBOARD_DEV_POSTGRES_PORT']}/switchboard"
+    created = subprocess.run(
+        switchboard("tenants", "create", "curl-tenant"),
+        env={**env, "SWITCHBOARD_DATABASE_URL": dsn, "COLUMNS": "200"},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert created.returncode == 0, created.stdout + created.stderr
+    api_key = re.search(r"(sb_[a-z0-9]{12}_[A-Za-z0-9_\-]+)", created.stdout)
+    assert api_key, created.stdout
+    body = {
+        "requestId": str(uuid.uuid4()),
+        "channels": ["CHANNEL_SMS"],
+        "recipient": {"phoneNumber": "+14155550123"},
+        "sms": {"text": "hello from buf curl"},
+    }
+    result = subprocess.run(
+        [
+            buf,
+            "curl",
+            "--protocol",
+            "grpc",
+            "--http2-prior-knowledge",
+            "-H",
+            f"authorization: Bearer {api_key.group(1)}",
+            "-d",
+            json.dumps(body),
+            f"http://{env['SWITCHBOARD_GRPC_ADDR']}/switchboard.notify.v1.NotificationService/SendNotification",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=REPO_ROOT,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    answer = json.loads(result.stdout)
+    assert answer["status"] == "NOTIFICATION_STATUS_ACCEPTED"
+    assert [d["channel"] for d in answer["deliveries"]] == ["CHANNEL_SMS"]
+
+
+def test_dev_stops_everything_on_sigterm(
+    dev_stack: tuple[subprocess.Popen[str], dict[str, str], Path],
+) -> None:
+    process, env, data_dir = dev_stack
+    assert leftover_processes(data_dir, env), "the stack should be running"
+    process.send_signal(signal.SIGTERM)
+    output, _ = process.communicate(timeout=60)
+    assert process.returncode == 0, output
+    assert leftover_processes(data_dir, env) == []
