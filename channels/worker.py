@@ -74,10 +74,13 @@ class ChannelWorker:
         backoff_s = self._settings.relay_error_backoff_ms / 1000
         while not self._stopping.is_set():
             consumer: AIOKafkaConsumer | None = None
+            # Joining a consumer group takes a few seconds even when all is well.
+            startup_s = max(30.0, 3 * self._settings.kafka_request_timeout_ms / 1000)
             try:
-                await ensure_topics(self._settings, all_topics(self._settings.kafka_topic_prefix))
-                consumer = self._make_consumer()
-                await consumer.start()
+                async with asyncio.timeout(startup_s):
+                    await ensure_topics(self._settings, all_topics(self._settings.kafka_topic_prefix))
+                    consumer = self._make_consumer()
+                    await consumer.start()
                 await self._consume(consumer)
             except Exception as exc:
                 log.warning("worker: restarting consumer", channel=self.channel, error=repr(exc))
@@ -86,7 +89,8 @@ class ChannelWorker:
             finally:
                 if consumer is not None:
                     with contextlib.suppress(Exception):
-                        await consumer.stop()
+                        async with asyncio.timeout(self._settings.kafka_request_timeout_ms / 1000):
+                            await consumer.stop()
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
@@ -102,7 +106,8 @@ class ChannelWorker:
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
     ) -> None:
         """Commit ``offsets``; called only after every outcome of the batch is recorded."""
-        await consumer.commit(offsets)
+        async with asyncio.timeout(self._settings.kafka_request_timeout_ms / 1000):
+            await consumer.commit(offsets)
 
     async def handle_records(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
         """Deliver ``records``: in order per (partition, key), concurrently across them."""

@@ -99,15 +99,29 @@ async def sweep_unfinished_deliveries(
 
 
 class OutboxRelay:
-    """A relay loop over ``pool`` publishing with a producer built from ``settings``."""
+    """A relay loop over ``pool`` publishing with a producer built from ``settings``.
+
+    Every round (sweep, connect, ensure topics, publish one batch) runs under
+    one deadline, so a broker or database that stops answering can delay the
+    relay but never wedge it: on any failure it drops its clients, backs off
+    and starts over.
+    """
 
     def __init__(self, pool: asyncpg.Pool, settings: Settings) -> None:
         self._pool = pool
         self._settings = settings
         self._wake = asyncio.Event()
         self._stopping = asyncio.Event()
+        self._producer: AIOKafkaProducer | None = None
+        self._listener: asyncpg.Connection | None = None
+        self._topics_ready = False
+        self._next_sweep = 0.0
         self.published = 0
         self.swept = 0
+
+    @property
+    def _round_timeout_s(self) -> float:
+        return 3 * self._settings.kafka_request_timeout_ms / 1000 + self._settings.db_command_timeout_s
 
     def _on_notify(self, *_: object) -> None:
         self._wake.set()
@@ -119,67 +133,64 @@ class OutboxRelay:
 
     async def run(self) -> None:
         """Run until :meth:`stop`; survives broker and database outages."""
-        settings = self._settings
-        producer: AIOKafkaProducer | None = None
-        listener: asyncpg.Connection | None = None
-        topics_ready = False
-        next_sweep = 0.0
-        loop = asyncio.get_running_loop()
         try:
             while not self._stopping.is_set():
                 try:
-                    if loop.time() >= next_sweep:
-                        next_sweep = loop.time() + settings.relay_sweep_interval_s
-                        swept = await sweep_unfinished_deliveries(
-                            self._pool,
-                            after_s=settings.relay_sweep_after_s,
-                            topic_prefix=settings.kafka_topic_prefix,
-                        )
-                        if swept:
-                            self.swept += swept
-                            log.warning("swept unfinished deliveries back to the outbox", count=swept)
-                    if listener is None or listener.is_closed():
-                        listener = await asyncpg.connect(settings.require_database_url())
-                        await listener.add_listener(OUTBOX_NOTIFY_CHANNEL, self._on_notify)
-                    if not topics_ready:
-                        await ensure_topics(settings, all_topics(settings.kafka_topic_prefix))
-                        topics_ready = True
-                    if producer is None:
-                        producer = make_producer(settings)
-                        await producer.start()
-                    self._wake.clear()
-                    sent = await asyncio.wait_for(
-                        publish_batch(self._pool, producer, settings.relay_batch_size),
-                        timeout=settings.kafka_request_timeout_ms / 1000 * 2,
-                    )
-                    self.published += sent
-                    if sent:
-                        log.debug("published", count=sent)
-                        continue
-                    wait_s = min(settings.relay_poll_interval_ms / 1000, max(0.0, next_sweep - loop.time()))
-                    with contextlib.suppress(TimeoutError):
-                        await asyncio.wait_for(self._wake.wait(), wait_s)
-                except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError) as exc:
-                    log.warning("relay: database error, backing off", error=repr(exc))
-                    if listener is not None:
-                        with contextlib.suppress(Exception):
-                            await listener.close()
-                    listener = None
-                    await self._backoff()
-                except Exception as exc:  # broker errors: aiokafka raises many types
-                    log.warning("relay: publish failed, backing off", error=repr(exc))
-                    topics_ready = False
-                    if producer is not None:
-                        with contextlib.suppress(Exception):
-                            await producer.stop()
-                    producer = None
+                    async with asyncio.timeout(self._round_timeout_s):
+                        sent = await self._round()
+                    if not sent:
+                        await self._idle()
+                except Exception as exc:  # aiokafka and asyncpg raise many types; all mean "start over"
+                    log.warning("relay: round failed, backing off", error=repr(exc))
+                    await self._drop_clients()
                     await self._backoff()
         finally:
-            if producer is not None:
-                with contextlib.suppress(Exception):
+            await self._drop_clients()
+
+    async def _round(self) -> int:
+        settings = self._settings
+        loop = asyncio.get_running_loop()
+        if loop.time() >= self._next_sweep:
+            self._next_sweep = loop.time() + settings.relay_sweep_interval_s
+            swept = await sweep_unfinished_deliveries(
+                self._pool, after_s=settings.relay_sweep_after_s, topic_prefix=settings.kafka_topic_prefix
+            )
+            if swept:
+                self.swept += swept
+                log.warning("swept unfinished deliveries back to the outbox", count=swept)
+        if self._listener is None or self._listener.is_closed():
+            self._listener = await asyncpg.connect(settings.require_database_url())
+            await self._listener.add_listener(OUTBOX_NOTIFY_CHANNEL, self._on_notify)
+        if not self._topics_ready:
+            await ensure_topics(settings, all_topics(settings.kafka_topic_prefix))
+            self._topics_ready = True
+        if self._producer is None:
+            self._producer = make_producer(settings)
+            await self._producer.start()
+        self._wake.clear()
+        sent = await publish_batch(self._pool, self._producer, settings.relay_batch_size)
+        self.published += sent
+        return sent
+
+    async def _idle(self) -> None:
+        """Wait for a NOTIFY, the poll interval or the next sweep, whichever is first."""
+        loop = asyncio.get_running_loop()
+        wait_s = min(self._settings.relay_poll_interval_ms / 1000, max(0.0, self._next_sweep - loop.time()))
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._wake.wait(), wait_s)
+
+    async def _drop_clients(self) -> None:
+        """Close the producer and the LISTEN connection (bounded: a dead broker
+        must not keep us waiting); the next round rebuilds them."""
+        producer, listener = self._producer, self._listener
+        self._producer, self._listener, self._topics_ready = None, None, False
+        if producer is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._settings.kafka_request_timeout_ms / 1000):
                     await producer.stop()
-            if listener is not None:
-                with contextlib.suppress(Exception):
+        if listener is not None:
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(self._settings.db_command_timeout_s):
                     await listener.close()
 
     async def _backoff(self) -> None:

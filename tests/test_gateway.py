@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
+from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
@@ -15,7 +16,8 @@ from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from tests.conftest import TenantCredentials
 from tests.helpers import row_counts, send_request
 
-Stub = notify_pb2_grpc.NotificationServiceAsyncStub
+if TYPE_CHECKING:
+    Stub = notify_pb2_grpc.NotificationServiceAsyncStub
 
 
 def rich_status(error: grpc.aio.AioRpcError) -> status_pb2.Status:

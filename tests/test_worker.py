@@ -6,6 +6,7 @@ import asyncio
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import asyncpg
 import pytest
@@ -25,7 +26,8 @@ from switchboard.settings import Settings
 from tests.conftest import SmtpSink, TenantCredentials
 from tests.helpers import running_pipeline, send_request, wait_for
 
-Stub = notify_pb2_grpc.NotificationServiceAsyncStub
+if TYPE_CHECKING:
+    Stub = notify_pb2_grpc.NotificationServiceAsyncStub
 
 
 def email_only(**overrides: object) -> notify_pb2.SendNotificationRequest:
