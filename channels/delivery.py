@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import random
 import uuid
+from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
@@ -61,14 +62,12 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
-async def claim_delivery(
-    pool: asyncpg.Pool, event: events_pb2.DeliveryRequested, provider_name: str
-) -> int | None:
+async def claim_delivery(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested) -> int | None:
     """Mark the delivery SENDING and open attempt N; return N, or ``None`` for a duplicate event."""
     async with pool.acquire() as tx, tx.transaction():
         attempt = await tx.fetchval(
             """UPDATE deliveries
-                  SET status = 'sending', attempts = attempts + 1, provider = $3, updated_at = now(),
+                  SET status = 'sending', attempts = attempts + 1, updated_at = now(),
                       next_attempt_at = NULL
                 WHERE id = $1 AND tenant_id = $2
                   AND status IN ('queued', 'sending')
@@ -76,38 +75,42 @@ async def claim_delivery(
             RETURNING attempts""",
             uuid.UUID(event.delivery_id),
             uuid.UUID(event.tenant_id),
-            provider_name,
         )
         if attempt is None:
             return None
         await tx.execute(
-            "INSERT INTO delivery_attempts (delivery_id, attempt_number, provider) VALUES ($1, $2, $3)",
+            "INSERT INTO delivery_attempts (delivery_id, attempt_number, provider) VALUES ($1, $2, '')",
             uuid.UUID(event.delivery_id),
             attempt,
-            provider_name,
         )
         return int(attempt)
 
 
 async def record_delivered(
-    pool: asyncpg.Pool, event: events_pb2.DeliveryRequested, attempt: int, provider_message_id: str
+    pool: asyncpg.Pool,
+    event: events_pb2.DeliveryRequested,
+    attempt: int,
+    provider_name: str,
+    provider_message_id: str,
 ) -> None:
     """Record a successful attempt: the delivery becomes DELIVERED (final)."""
     delivery_id = uuid.UUID(event.delivery_id)
     async with pool.acquire() as tx, tx.transaction():
         await tx.execute(
             """UPDATE delivery_attempts
-                  SET outcome = 'delivered', provider_message_id = $3, finished_at = now()
+                  SET outcome = 'delivered', provider = $3, provider_message_id = $4, finished_at = now()
                 WHERE delivery_id = $1 AND attempt_number = $2""",
             delivery_id,
             attempt,
+            provider_name,
             provider_message_id,
         )
         await tx.execute(
-            """UPDATE deliveries SET status = 'delivered', provider_message_id = $2, last_error = '',
-                      updated_at = now()
+            """UPDATE deliveries SET status = 'delivered', provider = $2, provider_message_id = $3,
+                      last_error = '', updated_at = now()
                 WHERE id = $1""",
             delivery_id,
+            provider_name,
             provider_message_id,
         )
 
@@ -137,6 +140,7 @@ async def record_failure(
     attempt: int,
     error: DeliveryError,
     *,
+    provider_name: str,
     max_attempts: int,
     retry_delay_s: float,
     topic_prefix: str,
@@ -148,13 +152,15 @@ async def record_failure(
     channel = CHANNEL_NAMES[event.channel]
     async with pool.acquire() as tx, tx.transaction():
         await tx.execute(
-            """UPDATE delivery_attempts SET outcome = $3, error = $4, finished_at = now()
+            """UPDATE delivery_attempts SET outcome = $3, error = $4, provider = $5, finished_at = now()
                 WHERE delivery_id = $1 AND attempt_number = $2""",
             delivery_id,
             attempt,
             "retryable" if error.retryable else "permanent",
             reason,
+            provider_name,
         )
+        await tx.execute("UPDATE deliveries SET provider = $2 WHERE id = $1", delivery_id, provider_name)
         if retry:
             due = datetime.now(UTC) + timedelta(seconds=retry_delay_s)
             await tx.execute(
@@ -199,7 +205,7 @@ async def record_failure(
 async def deliver(
     pool: asyncpg.Pool,
     event: events_pb2.DeliveryRequested,
-    provider: Provider,
+    provider_for: Callable[[], Awaitable[Provider]],
     *,
     max_attempts: int,
     retry_base_s: float,
@@ -208,36 +214,37 @@ async def deliver(
 ) -> Outcome:
     """Claim, send and record one delivery event; see the module docstring.
 
+    ``provider_for`` resolves the tenant's provider after the claim, so a
+    tenant that is disabled or has no provider gets a recorded, final FAILED
+    (its ``PermanentDeliveryError``) instead of an endless redelivery.
     Database errors propagate (the caller must not commit the offset then).
     """
-    attempt = await claim_delivery(pool, event, provider.name)
+    attempt = await claim_delivery(pool, event)
     if attempt is None:
         return Outcome.SKIPPED
+    provider_name = ""
+    error: DeliveryError
     try:
+        provider = await provider_for()
+        provider_name = provider.name
         result = await provider.send(event)
-    except DeliveryError as error:
-        delay = backoff_delay_s(attempt, retry_base_s, retry_cap_s)
-        if error.retry_after_s is not None:
-            delay = max(delay, error.retry_after_s)
-        return await record_failure(
-            pool,
-            event,
-            attempt,
-            error,
-            max_attempts=max_attempts,
-            retry_delay_s=delay,
-            topic_prefix=topic_prefix,
-        )
-    except Exception as exc:  # an unknown provider failure is retryable, a bounded number of times
-        unknown = RetryableDeliveryError(f"unexpected provider error: {type(exc).__name__}")
-        return await record_failure(
-            pool,
-            event,
-            attempt,
-            unknown,
-            max_attempts=max_attempts,
-            retry_delay_s=backoff_delay_s(attempt, retry_base_s, retry_cap_s),
-            topic_prefix=topic_prefix,
-        )
-    await record_delivered(pool, event, attempt, result.provider_message_id)
-    return Outcome.DELIVERED
+    except DeliveryError as failure:
+        error = failure
+    except Exception as exc:  # an unknown failure is retryable, a bounded number of times
+        error = RetryableDeliveryError(f"unexpected provider error: {type(exc).__name__}")
+    else:
+        await record_delivered(pool, event, attempt, provider_name, result.provider_message_id)
+        return Outcome.DELIVERED
+    delay = backoff_delay_s(attempt, retry_base_s, retry_cap_s)
+    if error.retry_after_s is not None:
+        delay = max(delay, error.retry_after_s)
+    return await record_failure(
+        pool,
+        event,
+        attempt,
+        error,
+        provider_name=provider_name,
+        max_attempts=max_attempts,
+        retry_delay_s=delay,
+        topic_prefix=topic_prefix,
+    )

@@ -1,41 +1,135 @@
-"""Which provider handles a tenant's channel.
+"""Which provider handles a tenant's channel: the tenant's own, built on demand.
 
-For now every tenant uses the process-wide defaults from settings (SMTP for
-email, the sandbox for SMS and push); per-tenant provider configuration and
-its cache belong to tenants/ (the tenants issue).
+:class:`TenantProviders` answers ``provider_for(tenant_id, channel)`` from the
+provider cache (tenants/provider_cache.py). On a miss it loads the tenant and
+its configuration for the channel from PostgreSQL, opens the sealed secrets
+with the master key ring and builds the provider client. A disabled tenant,
+or a channel without configuration (unless the process-wide default
+providers are enabled), is a permanent failure with a clear reason.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
+from typing import Any
 
-from channels.provider import Provider
+import asyncpg
+from tenants.provider_cache import ProviderCache
+
+from channels.provider import PermanentDeliveryError, Provider
 from channels.sandbox import SandboxProvider
 from channels.smtp import SmtpProvider
 from switchboard.settings import Settings
+from tenants import store
+from tenants.sealing import MasterKeyRing, SealedSecret, secrets_associated_data
 
 
-class DefaultProviders:
-    """Providers built once from settings and shared by every tenant."""
+class _Shared:
+    """A provider shared by every tenant: closing one tenant's entry must not close it."""
 
-    def __init__(self, settings: Settings) -> None:
-        sandbox = settings.resolved_sandbox_dir()
-        self._providers: dict[str, Provider] = {
-            "email": SmtpProvider(
-                settings.smtp_host,
-                settings.smtp_port,
-                settings.smtp_from,
-                timeout_s=settings.worker_provider_timeout_s,
-            ),
-            "sms": SandboxProvider(sandbox, "sms"),
-            "push": SandboxProvider(sandbox, "push"),
-        }
+    def __init__(self, inner: Provider) -> None:
+        self._inner = inner
 
-    async def provider_for(self, tenant_id: uuid.UUID, channel: str) -> Provider:
-        """The provider for ``channel`` (same for every tenant here)."""
-        return self._providers[channel]
+    @property
+    def name(self) -> str:
+        return self._inner.name
+
+    async def send(self, event: Any) -> Any:
+        return await self._inner.send(event)
 
     async def close(self) -> None:
-        """Close every provider."""
-        for provider in self._providers.values():
-            await provider.close()
+        """Nothing: the shared provider lives as long as the process."""
+
+
+def default_providers(settings: Settings) -> dict[str, Provider]:
+    """The process-wide defaults: SMTP from settings for email, the sandbox for SMS and push."""
+    sandbox = settings.resolved_sandbox_dir()
+    return {
+        "email": SmtpProvider(
+            settings.smtp_host,
+            settings.smtp_port,
+            settings.smtp_from,
+            timeout_s=settings.worker_provider_timeout_s,
+        ),
+        "sms": SandboxProvider(sandbox, "sms"),
+        "push": SandboxProvider(sandbox, "push"),
+    }
+
+
+def build_provider(
+    config: store.StoredProviderConfig, secrets: dict[str, str], settings: Settings
+) -> Provider:
+    """The provider client for one stored configuration and its opened secrets.
+
+    Raises ``PermanentDeliveryError`` for a provider this build cannot speak.
+    """
+    s = config.settings
+    if config.provider == "smtp":
+        return SmtpProvider(
+            s["host"],
+            int(s["port"]),
+            s["from_address"],
+            username=s.get("username") or None,
+            password=secrets.get("password") or None,
+            start_tls=s.get("tls_mode") == "starttls",
+            use_tls=s.get("tls_mode") == "implicit",
+            timeout_s=settings.worker_provider_timeout_s,
+        )
+    raise PermanentDeliveryError(f"provider {config.provider!r} is not supported by this worker")
+
+
+class TenantProviders:
+    """Per-tenant providers through the cache; see the module docstring."""
+
+    def __init__(self, pool: asyncpg.Pool, settings: Settings, key_ring: MasterKeyRing | None) -> None:
+        self._pool = pool
+        self._settings = settings
+        self._key_ring = key_ring
+        self._defaults = (
+            {c: _Shared(p) for c, p in default_providers(settings).items()}
+            if settings.default_providers
+            else {}
+        )
+        self.cache = ProviderCache(
+            self._load,
+            max_tenants=settings.provider_cache_max_tenants,
+            idle_ttl_s=settings.provider_cache_idle_ttl_s,
+        )
+
+    async def _load(self, tenant_id: uuid.UUID, channel: str) -> Provider:
+        tenant = await store.get_tenant(self._pool, tenant_id)
+        if tenant is None:
+            raise PermanentDeliveryError(f"tenant {tenant_id} does not exist")
+        if tenant.disabled_at is not None:
+            raise PermanentDeliveryError("the tenant is disabled")
+        config = await store.get_provider_config(self._pool, tenant_id, channel)
+        if config is None:
+            if channel in self._defaults:
+                return self._defaults[channel]
+            raise PermanentDeliveryError(f"the tenant has no {channel} provider configured")
+        if self._key_ring is None:
+            raise PermanentDeliveryError(
+                "SWITCHBOARD_MASTER_KEY is not set: provider secrets cannot be opened"
+            )
+        plaintext = self._key_ring.open(
+            SealedSecret(config.key_id, config.nonce, config.ciphertext),
+            secrets_associated_data(tenant_id, channel),
+        )
+        return build_provider(config, json.loads(plaintext), self._settings)
+
+    async def provider_for(self, tenant_id: uuid.UUID, channel: str) -> Provider:
+        """The tenant's provider for ``channel``; raises ``PermanentDeliveryError`` as described above."""
+        return await self.cache.get(tenant_id, channel)
+
+    def invalidate(self, tenant_id: uuid.UUID) -> None:
+        """Forget (and release) the tenant's providers; the next use reloads them."""
+        self.cache.invalidate(tenant_id)
+
+    def invalidate_all(self) -> None:
+        """Forget every tenant's providers."""
+        self.cache.invalidate_all()
+
+    async def close(self) -> None:
+        """Release every cached provider."""
+        await self.cache.close()

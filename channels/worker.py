@@ -25,7 +25,7 @@ from google.protobuf.message import DecodeError
 
 from channels.catalog import CHANNEL_NAMES, all_topics, delivery_topic
 from channels.delivery import Outcome, deliver
-from channels.registry import DefaultProviders
+from channels.registry import TenantProviders
 from switchboard.kafka import ensure_topics
 from switchboard.notify.v1 import events_pb2
 from switchboard.settings import Settings
@@ -44,12 +44,12 @@ class ChannelWorker:
     """Consumes ``notify.<channel>`` for one channel and delivers each event."""
 
     def __init__(
-        self, pool: asyncpg.Pool, settings: Settings, channel: str, providers: DefaultProviders | None = None
+        self, pool: asyncpg.Pool, settings: Settings, channel: str, providers: TenantProviders
     ) -> None:
         self._pool = pool
         self._settings = settings
         self.channel = channel
-        self._providers = providers or DefaultProviders(settings)
+        self._providers = providers
         self._stopping = asyncio.Event()
         self.outcomes: dict[Outcome, int] = defaultdict(int)
 
@@ -137,12 +137,11 @@ class ChannelWorker:
             )
             self.outcomes[Outcome.SKIPPED] += 1
             return Outcome.SKIPPED
-        provider = await self._providers.provider_for(tenant_id, self.channel)
         s = self._settings
         outcome = await deliver(
             self._pool,
             event,
-            provider,
+            lambda: self._providers.provider_for(tenant_id, self.channel),
             max_attempts=s.worker_max_attempts,
             retry_base_s=s.worker_retry_base_ms / 1000,
             retry_cap_s=s.worker_retry_max_ms / 1000,
@@ -157,13 +156,20 @@ async def run_worker_process(settings: Settings, channels: list[str]) -> None:
     """Run one worker per channel in ``channels`` until SIGTERM/SIGINT."""
     from switchboard.db.pool import create_pool
     from switchboard.signals import wait_for_shutdown_signal
+    from tenants.invalidation import TenantChangeListener
+    from tenants.key_ring import load_verified_key_ring
 
     pool = await create_pool(settings)
-    providers = DefaultProviders(settings)
+    ring = await load_verified_key_ring(settings, pool)
+    providers = TenantProviders(pool, settings, ring)
+    listener = TenantChangeListener(
+        settings.require_database_url(), providers.invalidate, providers.invalidate_all
+    )
     workers = [ChannelWorker(pool, settings, channel, providers) for channel in channels]
-    tasks = [asyncio.create_task(w.run()) for w in workers]
+    tasks = [asyncio.create_task(listener.run())] + [asyncio.create_task(w.run()) for w in workers]
     log.info("workers running", channels=channels)
     await wait_for_shutdown_signal()
+    listener.stop()
     for worker in workers:
         worker.stop()
     await asyncio.gather(*tasks)

@@ -1,9 +1,11 @@
 """Tenant authentication from ``authorization: Bearer <api key>`` metadata.
 
-Resolved keys are cached for a few seconds (``cachetools.TTLCache``) so the
-hot path does not read PostgreSQL per request; a revoked key therefore stops
-working within that TTL. Cross-process invalidation arrives with the tenants
-admin API.
+Resolved keys are cached (``cachetools.TTLCache``) so the hot path does not
+read PostgreSQL per request. Admin changes (key revoked, tenant disabled)
+clear the cache in every gateway through the tenant change listener
+(tenants/invalidation.py) within about a second; the TTL bounds staleness if
+that listener is cut off. A key's ``last_used_at`` is written on cache misses,
+at most once a minute.
 """
 
 from __future__ import annotations
@@ -17,9 +19,9 @@ from cachetools import TTLCache
 
 from gateway.errors import RpcError, permission_denied, unauthenticated
 from tenants.api_keys import parse_api_key
-from tenants.store import KeyLookup, lookup_api_key
+from tenants.store import KeyLookup, lookup_api_key, touch_api_key
 
-AUTH_CACHE_TTL_S = 5.0
+AUTH_CACHE_TTL_S = 30.0
 AUTH_CACHE_MAX_KEYS = 10_000
 
 
@@ -60,8 +62,20 @@ class Authenticator:
         if lookup is None:
             lookup = await lookup_api_key(self._pool, parsed)
             self._cache[cache_key] = lookup
+            if lookup.key_id is not None:
+                await touch_api_key(self._pool, lookup.key_id)
         if lookup.tenant_id is None:
             raise RpcError(unauthenticated("unknown or revoked API key"))
         if lookup.tenant_disabled:
             raise RpcError(permission_denied("this tenant is disabled", "TENANT_DISABLED"))
         return lookup.tenant_id
+
+    def invalidate_tenant(self, tenant_id: uuid.UUID) -> None:
+        """Forget cached lookups of ``tenant_id``'s keys (and unknown keys, which may now exist)."""
+        for key, lookup in list(self._cache.items()):
+            if lookup.tenant_id in (tenant_id, None):
+                self._cache.pop(key, None)
+
+    def invalidate_all(self) -> None:
+        """Forget every cached lookup."""
+        self._cache.clear()

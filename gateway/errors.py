@@ -105,3 +105,19 @@ def unavailable(message: str, retry_after_ms: int) -> status_pb2.Status:
         message=message,
         details=_pack(error_details_pb2.RetryInfo(retry_delay=delay), error_info("DEPENDENCY_UNAVAILABLE")),
     )
+
+
+def already_exists(resource: str, name: str, message: str) -> status_pb2.Status:
+    """ALREADY_EXISTS for ``resource`` ``name`` (e.g. a taken tenant name)."""
+    return status_pb2.Status(
+        code=code_pb2.ALREADY_EXISTS,
+        message=message,
+        details=_pack(error_details_pb2.ResourceInfo(resource_type=resource, resource_name=name)),
+    )
+
+
+def failed_precondition(reason: str, message: str) -> status_pb2.Status:
+    """FAILED_PRECONDITION: the system is not in a state to do this (AIP-193 ``reason``)."""
+    return status_pb2.Status(
+        code=code_pb2.FAILED_PRECONDITION, message=message, details=_pack(error_info(reason))
+    )

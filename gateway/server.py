@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import asyncpg
@@ -11,27 +12,36 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
+from gateway.admin_service import TenantAdminService
 from gateway.auth import Authenticator
 from gateway.service import NotificationService
 from switchboard.db.pool import create_pool
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
 from switchboard.signals import wait_for_shutdown_signal
+from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+from tenants.invalidation import TenantChangeListener
+from tenants.key_ring import load_verified_key_ring
+from tenants.sealing import MasterKeyRing
 
 log = structlog.get_logger(__name__)
 
 NOTIFICATION_SERVICE_NAME = notify_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
+ADMIN_SERVICE_NAME = tenants_pb2.DESCRIPTOR.services_by_name["TenantAdminService"].full_name
 #: How long in-flight RPCs may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 10.0
 
 
 @dataclass
 class Gateway:
-    """A started gateway: the server, its health servicer and the bound port."""
+    """A started gateway: the server, its health servicer, the bound port and the
+    tenant change listener that keeps its auth cache current."""
 
     server: grpc.aio.Server
     health: HealthServicer
     port: int
+    listener: TenantChangeListener
+    listener_task: asyncio.Task[None]
 
     async def set_serving(self, serving: bool) -> None:
         """Flip the overall and the NotificationService health status."""
@@ -45,23 +55,34 @@ class Gateway:
         """Report NOT_SERVING, refuse new RPCs and let in-flight ones finish within ``grace_s``."""
         await self.set_serving(False)
         await self.server.stop(grace_s)
+        self.listener.stop()
+        await self.listener_task
 
 
-async def start_gateway(pool: asyncpg.Pool, settings: Settings, address: str | None = None) -> Gateway:
+async def start_gateway(
+    pool: asyncpg.Pool, settings: Settings, key_ring: MasterKeyRing | None, address: str | None = None
+) -> Gateway:
     """Build and start the gRPC server on ``address`` (default ``settings.grpc_addr``).
 
-    Port 0 picks a free port; the bound one is in ``Gateway.port``. Raises
-    ``RuntimeError`` if the address cannot be bound.
+    Serves NotificationService, TenantAdminService (operator token), health
+    and reflection. Port 0 picks a free port; the bound one is in
+    ``Gateway.port``. Raises ``RuntimeError`` if the address cannot be bound.
     """
     server = grpc.aio.server()
+    authenticator = Authenticator(pool)
     notify_pb2_grpc.add_NotificationServiceServicer_to_server(
-        NotificationService(pool, Authenticator(pool), topic_prefix=settings.kafka_topic_prefix), server
+        NotificationService(pool, authenticator, topic_prefix=settings.kafka_topic_prefix), server
+    )
+    admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
+    tenants_pb2_grpc.add_TenantAdminServiceServicer_to_server(
+        TenantAdminService(pool, admin_token, key_ring), server
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)
     reflection.enable_server_reflection(
         [
             NOTIFICATION_SERVICE_NAME,
+            ADMIN_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,
         ],
@@ -70,8 +91,12 @@ async def start_gateway(pool: asyncpg.Pool, settings: Settings, address: str | N
     port = server.add_insecure_port(address or settings.grpc_addr)
     if port == 0:
         raise RuntimeError(f"cannot bind gRPC address {address or settings.grpc_addr}")
+    listener = TenantChangeListener(
+        settings.require_database_url(), authenticator.invalidate_tenant, authenticator.invalidate_all
+    )
+    listener_task = asyncio.create_task(listener.run())
     await server.start()
-    gateway = Gateway(server=server, health=health, port=port)
+    gateway = Gateway(server=server, health=health, port=port, listener=listener, listener_task=listener_task)
     await gateway.set_serving(True)
     return gateway
 
@@ -79,7 +104,8 @@ async def start_gateway(pool: asyncpg.Pool, settings: Settings, address: str | N
 async def run_gateway(settings: Settings) -> None:
     """Run the gateway process until SIGTERM/SIGINT, then drain and exit."""
     pool = await create_pool(settings)
-    gateway = await start_gateway(pool, settings)
+    key_ring = await load_verified_key_ring(settings, pool)
+    gateway = await start_gateway(pool, settings, key_ring)
     log.info("gateway serving", address=settings.grpc_addr, port=gateway.port)
     await wait_for_shutdown_signal()
     log.info("gateway draining")

@@ -4,17 +4,15 @@ validation, write_path and status_queries)."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
 from typing import Any, TypeVar
 
 import asyncpg
 import grpc
 import structlog
-from grpc_status import rpc_status
 
 from gateway.auth import Authenticator
-from gateway.errors import RpcError, invalid_argument, not_found, unavailable
+from gateway.errors import RpcError, invalid_argument, not_found
+from gateway.rpc import answer, database_errors_as_unavailable
 from gateway.status_queries import get_notification
 from gateway.validation import FieldViolation, RequestInvalid, validate_batch_size, validate_send_request
 from gateway.write_path import AcceptRequest, accept_notifications
@@ -22,35 +20,6 @@ from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 
 log = structlog.get_logger(__name__)
 T = TypeVar("T")
-
-#: How long a client should wait before retrying when PostgreSQL is unreachable.
-DATABASE_RETRY_AFTER_MS = 1_000
-
-_DATABASE_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError)
-
-
-@asynccontextmanager
-async def _database_errors_as_unavailable() -> AsyncIterator[None]:
-    """Turn connection-level database failures into UNAVAILABLE (safe to retry
-    with the same request_id: the transaction either committed or did not)."""
-    try:
-        yield
-    except _DATABASE_ERRORS as exc:
-        log.warning("database unavailable", error=type(exc).__name__)
-        raise RpcError(
-            unavailable(
-                "the database is unavailable; retry with the same request_id", DATABASE_RETRY_AFTER_MS
-            )
-        ) from exc
-
-
-async def _answer(context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
-    try:
-        return await call()
-    except RpcError as exc:
-        status = rpc_status.to_status(exc.status)
-        await context.abort(status.code, status.details, status.trailing_metadata)
-        raise AssertionError("abort returned") from exc
 
 
 class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
@@ -65,7 +34,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         self, request: notify_pb2.SendNotificationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notify_pb2.SendNotificationResponse:
         async def call() -> notify_pb2.SendNotificationResponse:
-            async with _database_errors_as_unavailable():
+            async with database_errors_as_unavailable():
                 tenant_id = await self._auth.tenant_id(context.invocation_metadata())
                 try:
                     plan = validate_send_request(request)
@@ -78,13 +47,13 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                 return outcome
             raise RpcError(outcome)
 
-        return await _answer(context, call)
+        return await answer(context, call)
 
     async def SendNotificationBatch(
         self, request: notify_pb2.SendNotificationBatchRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notify_pb2.SendNotificationBatchResponse:
         async def call() -> notify_pb2.SendNotificationBatchResponse:
-            async with _database_errors_as_unavailable():
+            async with database_errors_as_unavailable():
                 tenant_id = await self._auth.tenant_id(context.invocation_metadata())
                 size_violations = validate_batch_size(len(request.requests))
                 if size_violations:
@@ -107,13 +76,13 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                             results[index].error.CopyFrom(outcome)
             return notify_pb2.SendNotificationBatchResponse(results=results)
 
-        return await _answer(context, call)
+        return await answer(context, call)
 
     async def GetNotification(
         self, request: notify_pb2.GetNotificationRequest, context: grpc.aio.ServicerContext[Any, Any]
     ) -> notify_pb2.GetNotificationResponse:
         async def call() -> notify_pb2.GetNotificationResponse:
-            async with _database_errors_as_unavailable():
+            async with database_errors_as_unavailable():
                 tenant_id = await self._auth.tenant_id(context.invocation_metadata())
                 try:
                     notification_id = uuid.UUID(request.notification_id)
@@ -132,4 +101,4 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                 raise RpcError(not_found("notification", request.notification_id))
             return notify_pb2.GetNotificationResponse(notification=notification)
 
-        return await _answer(context, call)
+        return await answer(context, call)

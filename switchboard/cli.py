@@ -10,6 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from switchboard.admin_cli import keys_app, providers_app, tenants_app
 from switchboard.logs import configure_logging
 from switchboard.settings import get_settings
 
@@ -18,8 +19,9 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
 )
-tenants_app = typer.Typer(help="Tenants and their API keys.", no_args_is_help=True)
 app.add_typer(tenants_app, name="tenants")
+app.add_typer(keys_app, name="keys")
+app.add_typer(providers_app, name="providers")
 console = Console()
 
 
@@ -92,38 +94,6 @@ def smtp_sink(
     from switchboard.embedded import run_smtp_sink
 
     run_smtp_sink(maildir, host, port)
-
-
-@tenants_app.command("create")
-def tenants_create(
-    name: Annotated[str, typer.Argument(help="tenant name: a-z 0-9 '-'")],
-    display_name: Annotated[str, typer.Option(help="human-readable name")] = "",
-) -> None:
-    """Create a tenant and print its first API key (shown once)."""
-    import asyncpg
-
-    from tenants.store import TenantExists, create_api_key, create_tenant
-
-    async def create() -> tuple[str, str]:
-        conn = await asyncpg.connect(get_settings().require_database_url())
-        try:
-            async with conn.transaction():
-                tenant = await create_tenant(conn, name, display_name)
-                key = await create_api_key(conn, tenant.id)
-            return str(tenant.id), key.token
-        finally:
-            await conn.close()
-
-    try:
-        tenant_id, token = asyncio.run(create())
-    except (TenantExists, ValueError) as exc:
-        console.print(f"[red]{exc}[/red]")
-        raise typer.Exit(1) from None
-    table = Table(show_header=False)
-    table.add_row("tenant", name)
-    table.add_row("tenant id", tenant_id)
-    table.add_row("API key (shown once)", token)
-    console.print(table)
 
 
 @app.command()

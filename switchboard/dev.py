@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import signal
 import subprocess
 import sys
@@ -26,6 +27,7 @@ import asyncpg
 from switchboard.db.migrate import migrate
 from switchboard.embedded import EmbeddedKafka, EmbeddedPostgres, child_preexec, wait_for_port
 from switchboard.settings import Settings
+from tenants.sealing import generate_master_key
 
 DEV_DATABASE = "switchboard"
 
@@ -50,14 +52,19 @@ class DevStack:
     maildir: Path = Path()
     sandbox_dir: Path = Path()
     log_dir: Path = Path()
+    master_key: str = field(default="", repr=False)
+    admin_token: str = field(default="", repr=False)
     postgres: EmbeddedPostgres | None = None
     kafka: EmbeddedKafka | None = None
     children: list[ChildProcess] = field(default_factory=list)
 
     def child_env(self) -> dict[str, str]:
-        """The environment for child processes: the resolved addresses as settings."""
+        """The environment for child processes: the resolved addresses and secrets as settings."""
         env = dict(os.environ)
         env.update(
+            SWITCHBOARD_MASTER_KEY=self.master_key,
+            SWITCHBOARD_ADMIN_TOKEN=self.admin_token,
+            SWITCHBOARD_DEFAULT_PROVIDERS="true",
             SWITCHBOARD_DATABASE_URL=self.database_url,
             SWITCHBOARD_KAFKA_BOOTSTRAP=self.kafka_bootstrap,
             SWITCHBOARD_GRPC_ADDR=self.grpc_addr,
@@ -86,6 +93,16 @@ class DevStack:
         self.maildir = data_dir / "maildir"
         self.sandbox_dir = s.resolved_sandbox_dir().resolve()
         self.grpc_addr = s.grpc_addr
+        self.master_key = (
+            s.master_key.get_secret_value()
+            if s.master_key
+            else dev_secret(data_dir / "master.key", generate_master_key)
+        )
+        self.admin_token = (
+            s.admin_token.get_secret_value()
+            if s.admin_token
+            else dev_secret(data_dir / "admin-token", lambda: secrets.token_urlsafe(32))
+        )
 
         if s.database_url is None:
             self.postgres = EmbeddedPostgres(
@@ -178,7 +195,21 @@ class DevStack:
             ("Mail lands in (Maildir)", str(self.maildir)),
             ("SMS/push sandbox", str(self.sandbox_dir)),
             ("Logs", str(self.log_dir)),
+            ("Admin token (SWITCHBOARD_ADMIN_TOKEN)", str(self.settings.data_dir.resolve() / "admin-token")),
         ]
+
+
+def dev_secret(path: Path, make: Callable[[], str]) -> str:
+    """The dev stack's secret stored in ``path`` (mode 0600), made on first use.
+
+    Only for the local dev stack: production passes secrets in the environment.
+    """
+    if path.exists():
+        return path.read_text(encoding="utf-8").strip()
+    value = make()
+    path.touch(mode=0o600)
+    path.write_text(value + "\n", encoding="utf-8")
+    return value
 
 
 def _redact(dsn: str) -> str:

@@ -33,6 +33,25 @@ class Settings(BaseSettings):
         default=Path(".switchboard"), description="dev stack data (PostgreSQL, Maildir, sandbox)"
     )
 
+    # Secrets.
+    admin_token: SecretStr | None = Field(
+        default=None,
+        description="operator token for TenantAdminService (unset: admin API refuses every call)",
+    )
+    master_key: SecretStr | None = Field(
+        default=None,
+        description="keys sealing provider secrets: 'id:base64(32 bytes)[,old-id:base64,...]', current first",
+    )
+
+    default_providers: bool = Field(
+        default=False,
+        description="tenants without a provider configuration use the SMTP_* settings and the sandbox",
+    )
+
+    # Provider cache.
+    provider_cache_max_tenants: int = Field(default=200, ge=1)
+    provider_cache_idle_ttl_s: float = Field(default=3600.0, gt=0, description="evict after this long unused")
+
     # PostgreSQL pool.
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)

@@ -29,9 +29,11 @@ from switchboard.db.migrate import migrate
 from switchboard.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from switchboard.notify.v1 import notify_pb2_grpc
 from switchboard.settings import Settings
+from tenants.sealing import MasterKeyRing, generate_master_key
 from tenants.store import create_api_key, create_tenant
 
 TEMPLATE_DB = "switchboard_template"
+ADMIN_TOKEN = "test-operator-token-0123456789"
 _counter = itertools.count(1)
 
 
@@ -106,7 +108,9 @@ async def database_url(postgres: EmbeddedPostgres) -> str:
 
 
 @pytest.fixture
-def settings(database_url: str, kafka: EmbeddedKafka, smtp_sink: SmtpSink, tmp_path: Path) -> Settings:
+def settings(
+    database_url: str, kafka: EmbeddedKafka, smtp_sink: SmtpSink, tmp_path: Path, master_key: str
+) -> Settings:
     """Settings pointing at this test's database, topics, SMTP sink and sandbox."""
     return Settings(
         database_url=SecretStr(database_url),
@@ -123,7 +127,22 @@ def settings(database_url: str, kafka: EmbeddedKafka, smtp_sink: SmtpSink, tmp_p
         worker_retry_base_ms=50,
         worker_retry_max_ms=200,
         worker_provider_timeout_s=5.0,
+        default_providers=True,
+        admin_token=SecretStr(ADMIN_TOKEN),
+        master_key=SecretStr(master_key),
     )
+
+
+@pytest.fixture(scope="session")
+def master_key() -> str:
+    """The master key ring of the test processes (one fresh key)."""
+    return generate_master_key("test1")
+
+
+@pytest.fixture
+def key_ring(master_key: str) -> MasterKeyRing:
+    """The parsed master key ring."""
+    return MasterKeyRing.parse(master_key)
 
 
 @pytest.fixture
@@ -169,9 +188,9 @@ async def other_tenant(pool: asyncpg.Pool) -> TenantCredentials:
 
 
 @pytest.fixture
-async def gateway(pool: asyncpg.Pool, settings: Settings) -> AsyncIterator[Gateway]:
+async def gateway(pool: asyncpg.Pool, settings: Settings, key_ring: MasterKeyRing) -> AsyncIterator[Gateway]:
     """The gateway on a free loopback port."""
-    started = await start_gateway(pool, settings, "127.0.0.1:0")
+    started = await start_gateway(pool, settings, key_ring, "127.0.0.1:0")
     yield started
     await started.stop(grace_s=1)
 

@@ -11,11 +11,13 @@ from typing import TypeVar
 
 import asyncpg
 
-from channels.registry import DefaultProviders
+from channels.registry import TenantProviders
 from channels.worker import ChannelWorker
 from gateway.relay import OutboxRelay
 from switchboard.notify.v1 import notify_pb2
 from switchboard.settings import Settings
+from tenants.invalidation import TenantChangeListener
+from tenants.sealing import MasterKeyRing
 
 T = TypeVar("T")
 TABLES = ("notifications", "deliveries", "delivery_attempts", "outbox", "idempotency_keys")
@@ -80,22 +82,35 @@ async def delivery_statuses(pool: asyncpg.Pool, notification_id: str) -> dict[st
     return {r["channel"]: r["status"] for r in rows}
 
 
+def tenant_providers(pool: asyncpg.Pool, settings: Settings) -> TenantProviders:
+    """Per-tenant providers with the settings' master key ring."""
+    ring = MasterKeyRing.parse(settings.master_key.get_secret_value() if settings.master_key else None)
+    return TenantProviders(pool, settings, ring)
+
+
 @contextlib.asynccontextmanager
 async def running_pipeline(
     pool: asyncpg.Pool,
     settings: Settings,
     channels: tuple[str, ...] = ("email", "sms", "push"),
-    providers: DefaultProviders | None = None,
 ) -> AsyncIterator[list[ChannelWorker]]:
-    """Run one relay and one worker per channel as tasks for the duration of the block."""
+    """Run a relay, a tenant change listener and one worker per channel as tasks
+    for the duration of the block (like a worker and a relay process)."""
     relay = OutboxRelay(pool, settings)
-    providers = providers or DefaultProviders(settings)
+    providers = tenant_providers(pool, settings)
+    listener = TenantChangeListener(
+        settings.require_database_url(), providers.invalidate, providers.invalidate_all
+    )
     workers = [ChannelWorker(pool, settings, channel, providers) for channel in channels]
-    tasks = [asyncio.create_task(relay.run())] + [asyncio.create_task(w.run()) for w in workers]
+    tasks = [asyncio.create_task(relay.run()), asyncio.create_task(listener.run())]
+    tasks += [asyncio.create_task(w.run()) for w in workers]
     try:
+        await asyncio.wait_for(listener.connected.wait(), 30)
         yield workers
     finally:
         relay.stop()
+        listener.stop()
         for worker in workers:
             worker.stop()
         await asyncio.gather(*tasks)
+        await providers.close()

@@ -106,11 +106,11 @@ def test_buf_curl_calls_send_notification_through_reflection(
     dev_stack: tuple[subprocess.Popen[str], dict[str, str], Path],
     buf: str,  # noqa: F811
 ) -> None:
-    _process, env, _data_dir = dev_stack
-    dsn = f"postgresql://postgres@127.0.0.1:{env['SWITCHBOARD_DEV_POSTGRES_PORT']}/switchboard"
+    _process, env, data_dir = dev_stack
+    admin_token = (data_dir / "admin-token").read_text().strip()
     created = subprocess.run(
         switchboard("tenants", "create", "curl-tenant"),
-        env={**env, "SWITCHBOARD_DATABASE_URL": dsn, "COLUMNS": "200"},
+        env={**env, "SWITCHBOARD_ADMIN_TOKEN": admin_token, "COLUMNS": "200"},
         capture_output=True,
         text=True,
         timeout=60,

@@ -17,14 +17,13 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from channels.catalog import dead_letter_topic
 from channels.delivery import Outcome, backoff_delay_s, deliver
-from channels.registry import DefaultProviders
 from channels.worker import ChannelWorker
 from gateway.relay import OutboxRelay
 from switchboard.embedded import free_port
 from switchboard.notify.v1 import events_pb2, notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
 from tests.conftest import SmtpSink, TenantCredentials
-from tests.helpers import running_pipeline, send_request, wait_for
+from tests.helpers import running_pipeline, send_request, tenant_providers, wait_for
 
 if TYPE_CHECKING:
     Stub = notify_pb2_grpc.NotificationServiceAsyncStub
@@ -55,14 +54,14 @@ async def test_worker_dying_after_delivery_before_commit_does_not_deliver_or_mar
     relay = OutboxRelay(pool, settings)
     relay_task = asyncio.create_task(relay.run())
     try:
-        doomed = DiesBeforeCommit(pool, settings, "email")
+        doomed = DiesBeforeCommit(pool, settings, "email", tenant_providers(pool, settings))
         with pytest.raises(WorkerKilled):
             await asyncio.wait_for(doomed.run(), 60)
         assert doomed.outcomes[Outcome.DELIVERED] == 1
         assert len(smtp_sink.messages_for_delivery(delivery_id)) == 1
 
         # The offset was not committed: a new worker in the group gets the event again.
-        survivor = ChannelWorker(pool, settings, "email")
+        survivor = ChannelWorker(pool, settings, "email", tenant_providers(pool, settings))
         task = asyncio.create_task(survivor.run())
         try:
             await wait_for(lambda: _async(survivor.outcomes[Outcome.SKIPPED] >= 1), timeout_s=60)
@@ -97,9 +96,16 @@ async def test_redelivered_event_for_a_final_delivery_does_nothing(
         "SELECT event FROM deliveries WHERE notification_id = $1", uuid.UUID(accepted.notification_id)
     )
     event = events_pb2.DeliveryRequested.FromString(payload)
-    provider = await DefaultProviders(settings).provider_for(tenant.tenant_id, "email")
+    providers = tenant_providers(pool, settings)
     for expected in (Outcome.DELIVERED, Outcome.SKIPPED):
-        outcome = await deliver(pool, event, provider, max_attempts=5, retry_base_s=0.01, retry_cap_s=0.01)
+        outcome = await deliver(
+            pool,
+            event,
+            lambda: providers.provider_for(tenant.tenant_id, "email"),
+            max_attempts=5,
+            retry_base_s=0.01,
+            retry_cap_s=0.01,
+        )
         assert outcome == expected
     assert len(smtp_sink.messages_for_delivery(event.delivery_id)) == 1
 

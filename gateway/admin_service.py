@@ -1,0 +1,422 @@
+"""TenantAdminService: the operator's API for tenants, API keys and provider configurations.
+
+Reachable only with the operator token (``SWITCHBOARD_ADMIN_TOKEN``) in
+``authorization: Bearer`` metadata; a tenant API key never opens it. Secrets
+are sealed with the master key before they reach PostgreSQL and never leave
+it again: reads show which secret fields are set and a fingerprint.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
+
+import asyncpg
+import grpc
+from google.protobuf import timestamp_pb2
+
+from channels.catalog import CHANNEL_NAMES, CHANNEL_VALUES
+from gateway.auth import bearer_token
+from gateway.errors import (
+    RpcError,
+    already_exists,
+    failed_precondition,
+    invalid_argument,
+    not_found,
+    unauthenticated,
+)
+from gateway.rpc import answer, database_errors_as_unavailable
+from gateway.validation import FieldViolation, RequestInvalid
+from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+from tenants import store
+from tenants.provider_config import split_provider_config
+from tenants.sealing import MasterKeyRing, secrets_associated_data
+
+T = TypeVar("T")
+Context = grpc.aio.ServicerContext[Any, Any]
+
+DISPLAY_NAME_MAX_CHARS = 200
+PAGE_SIZE_DEFAULT = 50
+PAGE_SIZE_MAX = 1000
+#: Upper bounds of each limit (0 = the gateway default).
+LIMIT_MAXIMA = {
+    "max_delivery_attempts": 100,
+    "max_delivery_age_seconds": 30 * 24 * 3600,
+    "requests_per_second": 1_000_000,
+    "burst": 1_000_000,
+}
+
+
+def _timestamp(value: Any) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def tenant_message(tenant: store.Tenant) -> tenants_pb2.Tenant:
+    """The API form of a tenant row."""
+    return tenants_pb2.Tenant(
+        tenant_id=str(tenant.id),
+        name=tenant.name,
+        display_name=tenant.display_name,
+        limits=tenants_pb2.TenantLimits(
+            max_delivery_attempts=tenant.limits.max_delivery_attempts,
+            max_delivery_age_seconds=tenant.limits.max_delivery_age_seconds,
+            requests_per_second=tenant.limits.requests_per_second,
+            burst=tenant.limits.burst,
+        ),
+        disabled=tenant.disabled_at is not None,
+        create_time=_timestamp(tenant.created_at),
+        update_time=_timestamp(tenant.updated_at),
+    )
+
+
+def api_key_message(key: store.ApiKeyRecord) -> tenants_pb2.ApiKey:
+    """The API form of a key row (no secret: none is stored)."""
+    return tenants_pb2.ApiKey(
+        key_id=key.id,
+        tenant_id=str(key.tenant_id),
+        prefix=key.prefix,
+        create_time=_timestamp(key.created_at),
+        last_use_time=_timestamp(key.last_used_at),
+        revoke_time=_timestamp(key.revoked_at),
+    )
+
+
+def provider_config_view(config: store.StoredProviderConfig) -> tenants_pb2.ProviderConfigView:
+    """The read form of a configuration: settings, which secrets are set, their fingerprint."""
+    return tenants_pb2.ProviderConfigView(
+        tenant_id=str(config.tenant_id),
+        channel=CHANNEL_VALUES[config.channel],  # type: ignore[arg-type]
+        provider=config.provider,
+        settings={k: str(v) for k, v in config.settings.items()},
+        secret_fields=config.secret_fields,
+        secret_fingerprint=config.secret_fingerprint,
+        update_time=_timestamp(config.updated_at),
+    )
+
+
+def _invalid(field: str, description: str) -> RpcError:
+    return RpcError(invalid_argument([FieldViolation(field=field, description=description)]))
+
+
+def parse_tenant_id(value: str, field: str = "tenant_id") -> uuid.UUID:
+    """The tenant id as a UUID, or INVALID_ARGUMENT naming ``field``."""
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        raise _invalid(field, "must be a tenant id (UUID)") from None
+
+
+def parse_channel(value: int, field: str = "channel") -> str:
+    """A concrete channel name, or INVALID_ARGUMENT naming ``field``."""
+    if value not in CHANNEL_NAMES:
+        raise _invalid(field, "one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_PUSH")
+    return CHANNEL_NAMES[value]
+
+
+def validate_limits(
+    limits: tenants_pb2.TenantLimits, fields: Iterable[str], prefix: str
+) -> list[FieldViolation]:
+    """Each named limit must be within 0..its maximum."""
+    violations = []
+    for name in fields:
+        value = getattr(limits, name)
+        if not 0 <= value <= LIMIT_MAXIMA[name]:
+            violations.append(
+                FieldViolation(field=f"{prefix}.{name}", description=f"0 (default) to {LIMIT_MAXIMA[name]}")
+            )
+    return violations
+
+
+def validate_display_name(value: str, field: str) -> list[FieldViolation]:
+    """At most 200 characters, no control characters."""
+    if len(value) > DISPLAY_NAME_MAX_CHARS or any(ord(c) < 32 for c in value):
+        return [
+            FieldViolation(field=field, description=f"at most {DISPLAY_NAME_MAX_CHARS} printable characters")
+        ]
+    return []
+
+
+class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
+    """Implements ``switchboard.tenants.v1.TenantAdminService``."""
+
+    def __init__(self, pool: asyncpg.Pool, admin_token: str | None, key_ring: MasterKeyRing | None) -> None:
+        self._pool = pool
+        self._admin_token = admin_token.encode() if admin_token else None
+        self._key_ring = key_ring
+
+    def _authorize(self, context: Context) -> None:
+        if self._admin_token is None:
+            raise RpcError(unauthenticated("the admin API is disabled: SWITCHBOARD_ADMIN_TOKEN is not set"))
+        token = bearer_token(context.invocation_metadata())
+        if token is None or not hmac.compare_digest(
+            token.encode("utf-8", "surrogatepass"), self._admin_token
+        ):
+            raise RpcError(unauthenticated("the admin API needs the operator token"))
+
+    async def _call(self, context: Context, work: Callable[[], Awaitable[T]]) -> T:
+        async def guarded() -> T:
+            self._authorize(context)
+            async with database_errors_as_unavailable():
+                return await work()
+
+        return await answer(context, guarded)
+
+    async def _tenant_or_404(self, conn: Any, value: str) -> store.Tenant:
+        tenant = await store.get_tenant(conn, parse_tenant_id(value))
+        if tenant is None:
+            raise RpcError(not_found("tenant", value))
+        return tenant
+
+    async def CreateTenant(
+        self, request: tenants_pb2.CreateTenantRequest, context: Context
+    ) -> tenants_pb2.CreateTenantResponse:
+        async def work() -> tenants_pb2.CreateTenantResponse:
+            violations = validate_display_name(request.display_name, "display_name")
+            violations += validate_limits(request.limits, LIMIT_MAXIMA, "limits")
+            if violations:
+                raise RpcError(invalid_argument(violations))
+            limits = store.TenantLimits(**{n: getattr(request.limits, n) for n in LIMIT_MAXIMA})
+            async with self._pool.acquire() as conn:
+                try:
+                    tenant = await store.create_tenant(conn, request.name, request.display_name, limits)
+                except ValueError as exc:
+                    raise _invalid("name", str(exc)) from None
+                except store.TenantExists as exc:
+                    raise RpcError(already_exists("tenant", request.name, str(exc))) from None
+            return tenants_pb2.CreateTenantResponse(tenant=tenant_message(tenant))
+
+        return await self._call(context, work)
+
+    async def GetTenant(
+        self, request: tenants_pb2.GetTenantRequest, context: Context
+    ) -> tenants_pb2.GetTenantResponse:
+        async def work() -> tenants_pb2.GetTenantResponse:
+            return tenants_pb2.GetTenantResponse(
+                tenant=tenant_message(await self._tenant_or_404(self._pool, request.tenant_id))
+            )
+
+        return await self._call(context, work)
+
+    async def ListTenants(
+        self, request: tenants_pb2.ListTenantsRequest, context: Context
+    ) -> tenants_pb2.ListTenantsResponse:
+        async def work() -> tenants_pb2.ListTenantsResponse:
+            if not 0 <= request.page_size <= PAGE_SIZE_MAX:
+                raise _invalid("page_size", f"0 (default {PAGE_SIZE_DEFAULT}) to {PAGE_SIZE_MAX}")
+            after = None
+            if request.page_token:
+                try:
+                    after = store.decode_page_token(request.page_token)
+                except ValueError as exc:
+                    raise _invalid("page_token", str(exc)) from None
+            tenants, cursor = await store.list_tenants(
+                self._pool, request.page_size or PAGE_SIZE_DEFAULT, after
+            )
+            return tenants_pb2.ListTenantsResponse(
+                tenants=[tenant_message(t) for t in tenants],
+                next_page_token=store.encode_page_token(*cursor) if cursor else "",
+            )
+
+        return await self._call(context, work)
+
+    async def UpdateTenant(
+        self, request: tenants_pb2.UpdateTenantRequest, context: Context
+    ) -> tenants_pb2.UpdateTenantResponse:
+        async def work() -> tenants_pb2.UpdateTenantResponse:
+            tenant_id = parse_tenant_id(request.tenant.tenant_id, "tenant.tenant_id")
+            paths = list(request.update_mask.paths) or ["display_name", "limits"]
+            display_name: str | None = None
+            limit_names: list[str] = []
+            violations: list[FieldViolation] = []
+            for path in paths:
+                if path == "display_name":
+                    display_name = request.tenant.display_name
+                    violations += validate_display_name(display_name, "tenant.display_name")
+                elif path == "limits":
+                    limit_names += list(LIMIT_MAXIMA)
+                elif path.startswith("limits.") and path.removeprefix("limits.") in LIMIT_MAXIMA:
+                    limit_names.append(path.removeprefix("limits."))
+                else:
+                    violations.append(
+                        FieldViolation(
+                            field="update_mask",
+                            description=f"cannot update {path!r}: use display_name, limits or limits.<name>",
+                        )
+                    )
+            violations += validate_limits(request.tenant.limits, limit_names, "tenant.limits")
+            if violations:
+                raise RpcError(invalid_argument(violations))
+            limits = {name: getattr(request.tenant.limits, name) for name in limit_names}
+            async with self._pool.acquire() as conn, conn.transaction():
+                tenant = await store.update_tenant(conn, tenant_id, display_name=display_name, limits=limits)
+            if tenant is None:
+                raise RpcError(not_found("tenant", request.tenant.tenant_id))
+            return tenants_pb2.UpdateTenantResponse(tenant=tenant_message(tenant))
+
+        return await self._call(context, work)
+
+    async def _set_disabled(self, tenant_id_text: str, disabled: bool) -> store.Tenant:
+        tenant_id = parse_tenant_id(tenant_id_text)
+        async with self._pool.acquire() as conn, conn.transaction():
+            tenant = await store.set_tenant_disabled(conn, tenant_id, disabled)
+        if tenant is None:
+            raise RpcError(not_found("tenant", tenant_id_text))
+        return tenant
+
+    async def DisableTenant(
+        self, request: tenants_pb2.DisableTenantRequest, context: Context
+    ) -> tenants_pb2.DisableTenantResponse:
+        async def work() -> tenants_pb2.DisableTenantResponse:
+            tenant = await self._set_disabled(request.tenant_id, True)
+            return tenants_pb2.DisableTenantResponse(tenant=tenant_message(tenant))
+
+        return await self._call(context, work)
+
+    async def EnableTenant(
+        self, request: tenants_pb2.EnableTenantRequest, context: Context
+    ) -> tenants_pb2.EnableTenantResponse:
+        async def work() -> tenants_pb2.EnableTenantResponse:
+            tenant = await self._set_disabled(request.tenant_id, False)
+            return tenants_pb2.EnableTenantResponse(tenant=tenant_message(tenant))
+
+        return await self._call(context, work)
+
+    async def CreateApiKey(
+        self, request: tenants_pb2.CreateApiKeyRequest, context: Context
+    ) -> tenants_pb2.CreateApiKeyResponse:
+        async def work() -> tenants_pb2.CreateApiKeyResponse:
+            async with self._pool.acquire() as conn, conn.transaction():
+                tenant = await self._tenant_or_404(conn, request.tenant_id)
+                key = await store.create_api_key(conn, tenant.id)
+                record = await store.get_api_key(conn, tenant.id, key.key_id)
+            assert record is not None
+            return tenants_pb2.CreateApiKeyResponse(api_key=api_key_message(record), secret=key.token)
+
+        return await self._call(context, work)
+
+    async def ListApiKeys(
+        self, request: tenants_pb2.ListApiKeysRequest, context: Context
+    ) -> tenants_pb2.ListApiKeysResponse:
+        async def work() -> tenants_pb2.ListApiKeysResponse:
+            tenant = await self._tenant_or_404(self._pool, request.tenant_id)
+            keys = await store.list_api_keys(self._pool, tenant.id)
+            return tenants_pb2.ListApiKeysResponse(api_keys=[api_key_message(k) for k in keys])
+
+        return await self._call(context, work)
+
+    async def RevokeApiKey(
+        self, request: tenants_pb2.RevokeApiKeyRequest, context: Context
+    ) -> tenants_pb2.RevokeApiKeyResponse:
+        async def work() -> tenants_pb2.RevokeApiKeyResponse:
+            tenant_id = parse_tenant_id(request.tenant_id)
+            async with self._pool.acquire() as conn, conn.transaction():
+                record = await store.revoke_api_key(conn, tenant_id, request.key_id)
+            if record is None:
+                raise RpcError(not_found("api key", request.key_id))
+            return tenants_pb2.RevokeApiKeyResponse(api_key=api_key_message(record))
+
+        return await self._call(context, work)
+
+    async def SetProviderConfig(
+        self, request: tenants_pb2.SetProviderConfigRequest, context: Context
+    ) -> tenants_pb2.SetProviderConfigResponse:
+        async def work() -> tenants_pb2.SetProviderConfigResponse:
+            violations: list[FieldViolation] = []
+            tenant_id: uuid.UUID | None = None
+            channel: str | None = None
+            try:
+                tenant_id = parse_tenant_id(request.tenant_id)
+            except RpcError:
+                violations.append(FieldViolation(field="tenant_id", description="must be a tenant id (UUID)"))
+            try:
+                channel = parse_channel(request.channel)
+            except RpcError:
+                violations.append(
+                    FieldViolation(
+                        field="channel", description="one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_PUSH"
+                    )
+                )
+            try:
+                split = split_provider_config(channel, request.config)
+            except RequestInvalid as exc:
+                violations += exc.violations
+            if violations:
+                raise RpcError(invalid_argument(violations))
+            assert tenant_id is not None
+            assert channel is not None
+            ring = self._require_key_ring()
+            secrets_json = json.dumps(split.secrets, sort_keys=True).encode("utf-8")
+            sealed = ring.seal(secrets_json, secrets_associated_data(tenant_id, channel))
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._tenant_or_404(conn, request.tenant_id)
+                stored = await store.upsert_provider_config(
+                    conn,
+                    store.StoredProviderConfig(
+                        tenant_id=tenant_id,
+                        channel=channel,
+                        provider=split.provider,
+                        settings=split.settings,
+                        secret_fields=split.secret_fields,
+                        key_id=sealed.key_id,
+                        nonce=sealed.nonce,
+                        ciphertext=sealed.ciphertext,
+                        secret_fingerprint=ring.fingerprint(secrets_json),
+                        updated_at=None,  # type: ignore[arg-type]
+                    ),
+                )
+            return tenants_pb2.SetProviderConfigResponse(config=provider_config_view(stored))
+
+        return await self._call(context, work)
+
+    def _require_key_ring(self) -> MasterKeyRing:
+        if self._key_ring is None:
+            raise RpcError(
+                failed_precondition(
+                    "MASTER_KEY_MISSING", "SWITCHBOARD_MASTER_KEY is not set: secrets cannot be sealed"
+                )
+            )
+        return self._key_ring
+
+    async def GetProviderConfig(
+        self, request: tenants_pb2.GetProviderConfigRequest, context: Context
+    ) -> tenants_pb2.GetProviderConfigResponse:
+        async def work() -> tenants_pb2.GetProviderConfigResponse:
+            tenant_id = parse_tenant_id(request.tenant_id)
+            channel = parse_channel(request.channel)
+            config = await store.get_provider_config(self._pool, tenant_id, channel)
+            if config is None:
+                raise RpcError(not_found("provider config", f"{request.tenant_id}/{channel}"))
+            return tenants_pb2.GetProviderConfigResponse(config=provider_config_view(config))
+
+        return await self._call(context, work)
+
+    async def ListProviderConfigs(
+        self, request: tenants_pb2.ListProviderConfigsRequest, context: Context
+    ) -> tenants_pb2.ListProviderConfigsResponse:
+        async def work() -> tenants_pb2.ListProviderConfigsResponse:
+            tenant = await self._tenant_or_404(self._pool, request.tenant_id)
+            configs = await store.list_provider_configs(self._pool, tenant.id)
+            return tenants_pb2.ListProviderConfigsResponse(configs=[provider_config_view(c) for c in configs])
+
+        return await self._call(context, work)
+
+    async def DeleteProviderConfig(
+        self, request: tenants_pb2.DeleteProviderConfigRequest, context: Context
+    ) -> tenants_pb2.DeleteProviderConfigResponse:
+        async def work() -> tenants_pb2.DeleteProviderConfigResponse:
+            tenant_id = parse_tenant_id(request.tenant_id)
+            channel = parse_channel(request.channel)
+            async with self._pool.acquire() as conn, conn.transaction():
+                deleted = await store.delete_provider_config(conn, tenant_id, channel)
+            if not deleted:
+                raise RpcError(not_found("provider config", f"{request.tenant_id}/{channel}"))
+            return tenants_pb2.DeleteProviderConfigResponse()
+
+        return await self._call(context, work)
