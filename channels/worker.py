@@ -94,6 +94,7 @@ class ChannelWorker:
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
         while not self._stopping.is_set():
+            self._providers.cache.expire()  # release tenants idle past the TTL even when traffic is quiet
             batches = await consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS_PER_POLL)
             records = [r for rs in batches.values() for r in rs]
             if not records:

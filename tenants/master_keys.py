@@ -72,6 +72,26 @@ async def _check_canaries(conn: Connection, ring: MasterKeyRing, key_ids: list[s
         )
 
 
+async def _check_uncanaried_rows(conn: Connection, ring: MasterKeyRing) -> None:
+    rows = await conn.fetch(
+        """SELECT DISTINCT ON (p.key_id) p.key_id, p.tenant_id, p.channel, p.nonce, p.ciphertext
+             FROM provider_configs p
+            WHERE p.key_id = ANY($1::text[])
+              AND NOT EXISTS (SELECT 1 FROM master_key_canaries c WHERE c.key_id = p.key_id)
+            ORDER BY p.key_id""",
+        list(ring.key_ids),
+    )
+    for row in rows:
+        sealed = SealedSecret(key_id=row["key_id"], nonce=row["nonce"], ciphertext=row["ciphertext"])
+        try:
+            ring.open(sealed, secrets_associated_data(row["tenant_id"], row["channel"]))
+        except SecretUnreadable:
+            raise MasterKeyError(
+                f"master key id {sealed.key_id!r} in {MASTER_KEY_ENV} does not match the key that sealed "
+                f"stored provider secrets under that id (wrong {MASTER_KEY_ENV}?)"
+            ) from None
+
+
 async def verify_master_keys(conn: Connection, ring: MasterKeyRing) -> None:
     """Check ``ring`` against the database at start; write the current key's canary.
 
@@ -85,8 +105,11 @@ async def verify_master_keys(conn: Connection, ring: MasterKeyRing) -> None:
        together) and checked again, so a concurrent start with another key
        under the same id is caught as well.
 
-    Only ids, counts and the canary's fixed plaintext are involved; no secret
-    is decrypted. Raises asyncpg's errors if the database fails.
+    2b. A key id of the ring with sealed rows but no canary (data written
+       before any canary) is checked by opening one of its rows; the
+       plaintext is discarded at once.
+
+    Raises asyncpg's errors if the database fails.
     """
     missing = await conn.fetch(
         """SELECT key_id, count(*) AS rows FROM provider_configs
@@ -104,6 +127,7 @@ async def verify_master_keys(conn: Connection, ring: MasterKeyRing) -> None:
             "and run the master key rotation before removing them"
         )
     await _check_canaries(conn, ring, list(ring.key_ids))
+    await _check_uncanaried_rows(conn, ring)
     canary = ring.seal(CANARY_PLAINTEXT, CANARY_ASSOCIATED_DATA)
     status = await conn.execute(
         """INSERT INTO master_key_canaries (key_id, nonce, ciphertext) VALUES ($1, $2, $3)

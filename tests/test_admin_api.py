@@ -34,13 +34,15 @@ async def admin(gateway: Gateway) -> AsyncIterator[Admin]:
         yield tenants_pb2_grpc.TenantAdminServiceStub(channel)
 
 
-def smtp_config(port: int = 2525, password: str = SMTP_PASSWORD) -> tenants_pb2.ProviderConfig:
+def smtp_config(
+    port: int = 2525, password: str = SMTP_PASSWORD, username: str = "acme"
+) -> tenants_pb2.ProviderConfig:
     return tenants_pb2.ProviderConfig(
         smtp=tenants_pb2.SmtpConfig(
             host="127.0.0.1",
             port=port,
             tls_mode=tenants_pb2.SMTP_TLS_MODE_NONE,
-            username="acme",
+            username=username,
             password=password,
             from_address="Acme <no-reply@acme.example>",
         )

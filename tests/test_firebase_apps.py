@@ -8,6 +8,7 @@ deliberate delay, so a blocking refresh on the event loop shows up as a stall.
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import threading
 import time
@@ -20,10 +21,10 @@ from urllib.parse import parse_qs
 
 import firebase_admin  # type: ignore[import-untyped]
 import pytest
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric import rsa
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import padding, rsa
 from firebase_admin import messaging
-from google.auth import jwt
 
 from tenants import firebase_apps
 from tenants.firebase_apps import (
@@ -37,7 +38,8 @@ from tenants.firebase_apps import (
 
 TOKEN_DELAY_S = 0.3
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-# google-auth signs the grant for Google's endpoint whatever token_uri says (google/oauth2/service_account.py).
+# google-auth signs the grant for Google's endpoint whatever token_uri says
+# (google/oauth2/service_account.py).
 GRANT_AUDIENCE = "https://oauth2.googleapis.com/token"
 
 
@@ -53,6 +55,35 @@ class FakeTokenEndpoint:
     counter: int = 0
 
 
+def _b64decode(part: str) -> bytes:
+    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
+
+
+def verify_grant(assertion: str, public_keys: dict[str, bytes]) -> dict[str, Any]:
+    """The claims of a service account's RS256 JWT grant, after checking signature, audience and expiry.
+
+    Raises ``InvalidSignature``, ``KeyError`` (unknown key id) or ``ValueError``.
+    """
+    header_b64, claims_b64, signature_b64 = assertion.split(".")
+    header = json.loads(_b64decode(header_b64))
+    if header.get("alg") != "RS256":
+        raise ValueError(f"unexpected alg {header.get('alg')!r}")
+    public_key = serialization.load_pem_public_key(public_keys[header["kid"]])
+    assert isinstance(public_key, rsa.RSAPublicKey)
+    public_key.verify(
+        _b64decode(signature_b64),
+        f"{header_b64}.{claims_b64}".encode(),
+        padding.PKCS1v15(),
+        hashes.SHA256(),
+    )
+    claims: dict[str, Any] = json.loads(_b64decode(claims_b64))
+    if claims.get("aud") != GRANT_AUDIENCE:
+        raise ValueError(f"wrong audience {claims.get('aud')!r}")
+    if not claims["iat"] <= time.time() + 60 < claims["exp"] + 60:
+        raise ValueError("grant outside its validity window")
+    return claims
+
+
 def _handler(endpoint: FakeTokenEndpoint) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
         protocol_version = "HTTP/1.1"
@@ -65,16 +96,16 @@ def _handler(endpoint: FakeTokenEndpoint) -> type[BaseHTTPRequestHandler]:
                 return
             assertion = form["assertion"][0]
             try:
-                key_id = jwt.decode_header(assertion)["kid"]
-                # Verifies the RS256 signature with the service account's public key, and the audience.
-                claims = jwt.decode(assertion, certs=endpoint.public_keys[key_id], audience=GRANT_AUDIENCE)
-            except (ValueError, KeyError) as error:
+                claims = verify_grant(assertion, endpoint.public_keys)
+            except (ValueError, KeyError, InvalidSignature) as error:
                 self._reply(400, {"error": "invalid_grant", "error_description": str(error)})
                 return
             endpoint.grants.append(claims)
             time.sleep(endpoint.delay_s)
             endpoint.counter += 1
-            self._reply(200, {"access_token": f"token-{endpoint.counter}", "expires_in": 3600, "token_type": "Bearer"})
+            self._reply(
+                200, {"access_token": f"token-{endpoint.counter}", "expires_in": 3600, "token_type": "Bearer"}
+            )
 
         def do_GET(self) -> None:
             endpoint.other_requests.append(f"{self.path} {self.headers.get('Authorization')}")
@@ -203,7 +234,7 @@ async def test_an_invalid_service_account_raises_value_error(tenant_id: uuid.UUI
         await get_or_create_app(tenant_id, {"type": "service_account"})
     with pytest.raises(ValueError, match="service_account"):
         await get_or_create_app(tenant_id, {"type": "authorized_user", "project_id": "p"})
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="does not exist"):
         firebase_admin.get_app(app_name(tenant_id))
 
 

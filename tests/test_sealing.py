@@ -451,6 +451,8 @@ async def test_rotation_names_a_row_that_does_not_open(pool: asyncpg.Pool, tenan
     old = MasterKeyRing.parse(old_entry)
     await insert_config(pool, old, tenant.tenant_id, "email")
     await insert_config(pool, old, tenant.tenant_id, "sms")
+    async with pool.acquire() as conn:
+        await verify_master_keys(conn, old)  # writes the canary of "old" while every row still opens
     # Move the sms ciphertext onto the email row: its associated data no longer matches.
     await pool.execute(
         """UPDATE provider_configs SET nonce = s.nonce, ciphertext = s.ciphertext
