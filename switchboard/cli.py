@@ -132,7 +132,7 @@ def demo(
         stack.start()
         for what, where in stack.describe():
             console.print(f"  {what}: {where}")
-        api_key = asyncio.run(demo_api_key(stack.database_url))
+        api_key = asyncio.run(demo_api_key(stack))
         result = asyncio.run(send_and_wait(stack, api_key, timeout))
     finally:
         stack.stop()

@@ -1,9 +1,11 @@
 """`switchboard demo`: one notification on every channel through the real API.
 
-Brings up the dev stack, creates (or reuses) the tenant ``demo`` with a fresh
-API key, calls ``SendNotification`` over gRPC for EMAIL, SMS and PUSH, polls
-``GetNotification`` until every delivery is final or the timeout passes, and
-prints where each delivery landed. Exit code 0 only if all were DELIVERED.
+Brings up the dev stack; through the admin API creates (or reuses) the tenant
+``demo``, gives it its own SMTP provider configuration (the dev sink, sealed
+like any tenant's) and a fresh API key; calls ``SendNotification`` over gRPC
+for EMAIL, SMS and PUSH; polls ``GetNotification`` until every delivery is
+final or the timeout passes; and prints where each delivery landed. Exit code
+0 only if all were DELIVERED.
 """
 
 from __future__ import annotations
@@ -16,7 +18,6 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-import asyncpg
 import grpc
 from rich.console import Console
 from rich.table import Table
@@ -25,7 +26,7 @@ from channels.catalog import CHANNEL_NAMES
 from channels.sandbox import sandbox_file
 from switchboard.dev import DevStack
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
-from tenants.store import create_api_key, create_tenant, get_tenant_by_name
+from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
 DEMO_TENANT = "demo"
 FINAL = {notify_pb2.DELIVERY_STATUS_DELIVERED, notify_pb2.DELIVERY_STATUS_FAILED}
@@ -47,16 +48,47 @@ class DemoResult:
         )
 
 
-async def demo_api_key(database_url: str) -> str:
-    """Create the demo tenant if missing and return a new API key for it."""
-    conn = await asyncpg.connect(database_url)
-    try:
-        tenant = await get_tenant_by_name(conn, DEMO_TENANT) or await create_tenant(
-            conn, DEMO_TENANT, "Demo tenant"
+async def demo_api_key(stack: DevStack) -> str:
+    """Through the admin API: create the demo tenant if missing, give it its own
+    SMTP provider (the dev sink, sealed like any tenant's) and return a new API key."""
+    metadata = (("authorization", f"Bearer {stack.admin_token}"),)
+    async with grpc.aio.insecure_channel(stack.grpc_addr) as channel:
+        admin = tenants_pb2_grpc.TenantAdminServiceStub(channel)
+        tenant_id = ""
+        token = ""
+        while not tenant_id:
+            page = await admin.ListTenants(
+                tenants_pb2.ListTenantsRequest(page_token=token), metadata=metadata
+            )
+            tenant_id = next((t.tenant_id for t in page.tenants if t.name == DEMO_TENANT), "")
+            token = page.next_page_token
+            if not token:
+                break
+        if not tenant_id:
+            created = await admin.CreateTenant(
+                tenants_pb2.CreateTenantRequest(name=DEMO_TENANT, display_name="Demo tenant"),
+                metadata=metadata,
+            )
+            tenant_id = created.tenant.tenant_id
+        await admin.SetProviderConfig(
+            tenants_pb2.SetProviderConfigRequest(
+                tenant_id=tenant_id,
+                channel=notify_pb2.CHANNEL_EMAIL,
+                config=tenants_pb2.ProviderConfig(
+                    smtp=tenants_pb2.SmtpConfig(
+                        host=stack.settings.smtp_host,
+                        port=stack.settings.smtp_port,
+                        tls_mode=tenants_pb2.SMTP_TLS_MODE_NONE,
+                        from_address="Demo <demo@switchboard.localhost>",
+                    )
+                ),
+            ),
+            metadata=metadata,
         )
-        return (await create_api_key(conn, tenant.id)).token
-    finally:
-        await conn.close()
+        key = await admin.CreateApiKey(
+            tenants_pb2.CreateApiKeyRequest(tenant_id=tenant_id), metadata=metadata
+        )
+        return key.secret
 
 
 def find_in_maildir(maildir: Path, delivery_id: str) -> str:
