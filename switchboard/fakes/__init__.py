@@ -1,0 +1,1 @@
+"""Fake provider servers over real HTTP/SMTP on loopback, for tests and the dev stack."""
