@@ -18,20 +18,23 @@ The caller commits the Kafka offset only after ``deliver`` returns.
 
 from __future__ import annotations
 
+import json
 import random
 import uuid
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 import asyncpg
+import uuid6
 from google.protobuf import timestamp_pb2
 
 from channels.catalog import CHANNEL_NAMES, dead_letter_topic, delivery_topic
 from channels.provider import DeliveryError, Provider, RetryableDeliveryError
-from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
+from gateway.write_path import OUTBOX_NOTIFY_CHANNEL, build_delivery_event
 from switchboard.db.pool import Connection
-from switchboard.notify.v1 import events_pb2
+from switchboard.notify.v1 import events_pb2, notify_pb2
 
 #: Longest error text stored per attempt (characters).
 ERROR_TEXT_MAX_CHARS = 1000
@@ -134,6 +137,75 @@ async def _attempt_history(tx: Connection, delivery_id: uuid.UUID) -> list[event
     ]
 
 
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How long a delivery keeps trying: ``max_attempts`` per replay, while the
+    notification is younger than ``max_age_s``; backoff bounds in seconds."""
+
+    max_attempts: int
+    max_age_s: float
+    base_s: float
+    cap_s: float
+
+
+def _give_up_reason(
+    error: DeliveryError, attempts_this_replay: int, age_s: float, policy: RetryPolicy, reason: str
+) -> str | None:
+    """``None`` to retry, or the final reason recorded on the delivery."""
+    if not error.retryable:
+        return reason
+    if attempts_this_replay >= policy.max_attempts:
+        return f"gave up after {attempts_this_replay} attempts: {reason}"
+    if age_s >= policy.max_age_s:
+        return f"gave up: older than {policy.max_age_s:.0f} s: {reason}"
+    return None
+
+
+async def _start_next_fallback(
+    tx: Connection, event: events_pb2.DeliveryRequested, chain_position: int, topic_prefix: str
+) -> events_pb2.DeliveryRequested | None:
+    """Create the delivery for the next channel of the notification's fallback
+    chain (with its outbox row); ``None`` when there is no next channel."""
+    notification = await tx.fetchrow(
+        "SELECT fallback_channels, recipients, request FROM notifications WHERE id = $1",
+        uuid.UUID(event.notification_id),
+    )
+    if notification is None or chain_position + 1 >= len(notification["fallback_channels"]):
+        return None
+    channel = notification["fallback_channels"][chain_position + 1]
+    request = notify_pb2.SendNotificationRequest.FromString(notification["request"])
+    next_id = uuid6.uuid7()
+    next_event = build_delivery_event(
+        request,
+        tenant_id=uuid.UUID(event.tenant_id),
+        notification_id=uuid.UUID(event.notification_id),
+        delivery_id=next_id,
+        channel=channel,
+        recipient=json.loads(notification["recipients"])[channel],
+        accept_time=event.accept_time,
+    )
+    payload = next_event.SerializeToString()
+    await tx.execute(
+        """INSERT INTO deliveries (id, notification_id, tenant_id, channel, recipient, event, chain_position)
+           VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+        next_id,
+        uuid.UUID(event.notification_id),
+        uuid.UUID(event.tenant_id),
+        channel,
+        next_event.recipient,
+        payload,
+        chain_position + 1,
+    )
+    await tx.execute(
+        "INSERT INTO outbox (topic, key, payload, delivery_id) VALUES ($1, $2, $3, $4)",
+        delivery_topic(channel, topic_prefix),
+        event.tenant_id.encode("ascii"),
+        payload,
+        next_id,
+    )
+    return next_event
+
+
 async def record_failure(
     pool: asyncpg.Pool,
     event: events_pb2.DeliveryRequested,
@@ -141,14 +213,19 @@ async def record_failure(
     error: DeliveryError,
     *,
     provider_name: str,
-    max_attempts: int,
+    policy: RetryPolicy,
     retry_delay_s: float,
     topic_prefix: str,
 ) -> Outcome:
-    """Record a failed attempt; schedule a retry or end FAILED with a dead-letter event."""
+    """Record a failed attempt; schedule a retry, or end FAILED.
+
+    Ending FAILED writes the dead letter (a ``dead_letters`` row and the
+    DeliveryDeadLettered event to ``notify.<channel>.dlq`` through the outbox)
+    and, for a fallback notification, starts the delivery on the next channel,
+    all in the same transaction.
+    """
     delivery_id = uuid.UUID(event.delivery_id)
     reason = error.reason[:ERROR_TEXT_MAX_CHARS]
-    retry = error.retryable and attempt < max_attempts
     channel = CHANNEL_NAMES[event.channel]
     async with pool.acquire() as tx, tx.transaction():
         await tx.execute(
@@ -160,8 +237,16 @@ async def record_failure(
             reason,
             provider_name,
         )
-        await tx.execute("UPDATE deliveries SET provider = $2 WHERE id = $1", delivery_id, provider_name)
-        if retry:
+        row = await tx.fetchrow(
+            """UPDATE deliveries SET provider = $2 WHERE id = $1
+               RETURNING attempts_before_replay, chain_position""",
+            delivery_id,
+            provider_name,
+        )
+        assert row is not None
+        age_s = (datetime.now(UTC) - event.accept_time.ToDatetime(tzinfo=UTC)).total_seconds()
+        final_reason = _give_up_reason(error, attempt - row["attempts_before_replay"], age_s, policy, reason)
+        if final_reason is None:
             due = datetime.now(UTC) + timedelta(seconds=retry_delay_s)
             await tx.execute(
                 """UPDATE deliveries SET status = 'queued', last_error = $2, next_attempt_at = $3,
@@ -180,7 +265,6 @@ async def record_failure(
                 due,
             )
             return Outcome.RETRY_SCHEDULED
-        final_reason = reason if not error.retryable else f"gave up after {attempt} attempts: {reason}"
         await tx.execute(
             "UPDATE deliveries SET status = 'failed', last_error = $2, updated_at = now() WHERE id = $1",
             delivery_id,
@@ -198,6 +282,16 @@ async def record_failure(
             event.tenant_id.encode("ascii"),
             dead.SerializeToString(),
         )
+        await tx.execute(
+            """INSERT INTO dead_letters (delivery_id, tenant_id, channel, reason, attempts)
+               VALUES ($1, $2, $3, $4, $5)""",
+            delivery_id,
+            uuid.UUID(event.tenant_id),
+            channel,
+            final_reason,
+            attempt,
+        )
+        await _start_next_fallback(tx, event, row["chain_position"], topic_prefix)
         await tx.execute("SELECT pg_notify($1, '')", OUTBOX_NOTIFY_CHANNEL)
         return Outcome.FAILED
 
@@ -207,9 +301,7 @@ async def deliver(
     event: events_pb2.DeliveryRequested,
     provider_for: Callable[[], Awaitable[Provider]],
     *,
-    max_attempts: int,
-    retry_base_s: float,
-    retry_cap_s: float,
+    policy: RetryPolicy,
     topic_prefix: str = "",
 ) -> Outcome:
     """Claim, send and record one delivery event; see the module docstring.
@@ -235,7 +327,7 @@ async def deliver(
     else:
         await record_delivered(pool, event, attempt, provider_name, result.provider_message_id)
         return Outcome.DELIVERED
-    delay = backoff_delay_s(attempt, retry_base_s, retry_cap_s)
+    delay = backoff_delay_s(attempt, policy.base_s, policy.cap_s)
     if error.retry_after_s is not None:
         delay = max(delay, error.retry_after_s)
     return await record_failure(
@@ -244,7 +336,7 @@ async def deliver(
         attempt,
         error,
         provider_name=provider_name,
-        max_attempts=max_attempts,
+        policy=policy,
         retry_delay_s=delay,
         topic_prefix=topic_prefix,
     )

@@ -15,13 +15,15 @@ import uuid
 from typing import Any
 
 import asyncpg
-from tenants.provider_cache import ProviderCache
+from cachetools import TTLCache
 
+from channels.delivery import RetryPolicy
 from channels.provider import PermanentDeliveryError, Provider
 from channels.sandbox import SandboxProvider
 from channels.smtp import SmtpProvider
 from switchboard.settings import Settings
 from tenants import store
+from tenants.provider_cache import ProviderCache
 from tenants.sealing import MasterKeyRing, SealedSecret, secrets_associated_data
 
 
@@ -91,6 +93,7 @@ class TenantProviders:
             if settings.default_providers
             else {}
         )
+        self._limits: TTLCache[uuid.UUID, store.TenantLimits] = TTLCache(maxsize=10_000, ttl=60.0)
         self.cache = ProviderCache(
             self._load,
             max_tenants=settings.provider_cache_max_tenants,
@@ -122,12 +125,32 @@ class TenantProviders:
         """The tenant's provider for ``channel``; raises ``PermanentDeliveryError`` as described above."""
         return await self.cache.get(tenant_id, channel)
 
+    async def retry_policy(self, tenant_id: uuid.UUID) -> RetryPolicy:
+        """The tenant's retry policy: its limits, or the worker defaults where they are 0.
+
+        Limits are cached for 60 s and dropped on every tenant change notification.
+        """
+        limits = self._limits.get(tenant_id)
+        if limits is None:
+            tenant = await store.get_tenant(self._pool, tenant_id)
+            limits = tenant.limits if tenant is not None else store.TenantLimits()
+            self._limits[tenant_id] = limits
+        s = self._settings
+        return RetryPolicy(
+            max_attempts=limits.max_delivery_attempts or s.worker_max_attempts,
+            max_age_s=float(limits.max_delivery_age_seconds or s.worker_max_age_s),
+            base_s=s.worker_retry_base_ms / 1000,
+            cap_s=s.worker_retry_max_ms / 1000,
+        )
+
     def invalidate(self, tenant_id: uuid.UUID) -> None:
-        """Forget (and release) the tenant's providers; the next use reloads them."""
+        """Forget (and release) the tenant's providers and limits; the next use reloads them."""
+        self._limits.pop(tenant_id, None)
         self.cache.invalidate(tenant_id)
 
     def invalidate_all(self) -> None:
-        """Forget every tenant's providers."""
+        """Forget every tenant's providers and limits."""
+        self._limits.clear()
         self.cache.invalidate_all()
 
     async def close(self) -> None:

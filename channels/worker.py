@@ -138,15 +138,12 @@ class ChannelWorker:
             )
             self.outcomes[Outcome.SKIPPED] += 1
             return Outcome.SKIPPED
-        s = self._settings
         outcome = await deliver(
             self._pool,
             event,
             lambda: self._providers.provider_for(tenant_id, self.channel),
-            max_attempts=s.worker_max_attempts,
-            retry_base_s=s.worker_retry_base_ms / 1000,
-            retry_cap_s=s.worker_retry_max_ms / 1000,
-            topic_prefix=s.kafka_topic_prefix,
+            policy=await self._providers.retry_policy(tenant_id),
+            topic_prefix=self._settings.kafka_topic_prefix,
         )
         self.outcomes[outcome] += 1
         log.debug("delivery handled", delivery_id=event.delivery_id, outcome=outcome.value)

@@ -22,13 +22,23 @@ DELIVERY_STATUS_VALUES: dict[str, notify_pb2.DeliveryStatus.ValueType] = {
 FINAL_DELIVERY_STATUSES = frozenset({"delivered", "failed"})
 
 
-def notification_status(delivery_statuses: Iterable[str]) -> notify_pb2.NotificationStatus.ValueType:
+def notification_status(
+    delivery_statuses: Iterable[str], chain_length: int = 0
+) -> notify_pb2.NotificationStatus.ValueType:
     """Derive a notification's status from its deliveries' statuses (names as stored).
 
     ACCEPTED while any delivery is not final; then DELIVERED, FAILED or
-    PARTIALLY_DELIVERED.
+    PARTIALLY_DELIVERED. For a fallback chain of ``chain_length`` channels:
+    DELIVERED once any delivery is, FAILED when every channel of the chain
+    failed, ACCEPTED otherwise.
     """
     statuses = list(delivery_statuses)
+    if chain_length:
+        if "delivered" in statuses:
+            return notify_pb2.NOTIFICATION_STATUS_DELIVERED
+        if len(statuses) >= chain_length and all(s == "failed" for s in statuses):
+            return notify_pb2.NOTIFICATION_STATUS_FAILED
+        return notify_pb2.NOTIFICATION_STATUS_ACCEPTED
     if not statuses or any(s not in FINAL_DELIVERY_STATUSES for s in statuses):
         return notify_pb2.NOTIFICATION_STATUS_ACCEPTED
     if all(s == "delivered" for s in statuses):
@@ -52,7 +62,8 @@ async def get_notification(
     Another tenant's notification is ``None`` as well: ids never cross tenants.
     """
     row = await conn.fetchrow(
-        "SELECT id, request_id, metadata, created_at FROM notifications WHERE id = $1 AND tenant_id = $2",
+        """SELECT id, request_id, metadata, created_at, fallback_channels FROM notifications
+            WHERE id = $1 AND tenant_id = $2""",
         notification_id,
         tenant_id,
     )
@@ -60,15 +71,17 @@ async def get_notification(
         return None
     deliveries = await conn.fetch(
         """SELECT id, channel, recipient, status, attempts, last_error, provider, provider_message_id,
-                  updated_at
-             FROM deliveries WHERE notification_id = $1 AND tenant_id = $2 ORDER BY channel""",
+                  updated_at, chain_position
+             FROM deliveries WHERE notification_id = $1 AND tenant_id = $2
+            ORDER BY chain_position, channel""",
         notification_id,
         tenant_id,
     )
     notification = notify_pb2.Notification(
         notification_id=str(row["id"]),
         request_id=row["request_id"],
-        status=notification_status(d["status"] for d in deliveries),
+        status=notification_status((d["status"] for d in deliveries), len(row["fallback_channels"])),
+        fallback_channels=[CHANNEL_VALUES[c] for c in row["fallback_channels"]],  # type: ignore[misc]
         metadata=json.loads(row["metadata"]),
         create_time=_timestamp(row["created_at"]),
     )
@@ -83,5 +96,6 @@ async def get_notification(
             provider=d["provider"],
             provider_message_id=d["provider_message_id"],
             update_time=_timestamp(d["updated_at"]),
+            chain_position=d["chain_position"],
         )
     return notification

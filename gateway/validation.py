@@ -56,11 +56,14 @@ _CONTROL_CHARS_RE = re.compile(r"[\x00-\x1f\x7f]")
 
 @dataclass(frozen=True)
 class NotificationPlan:
-    """A validated request: the concrete channels (names, deduplicated, in
-    email/sms/push order) and the normalized recipient address per channel."""
+    """A validated request: the concrete channels (names, deduplicated; in
+    email/sms/push order, or in the given order for a fallback chain) and the
+    normalized recipient address per channel. With ``fallback`` only the first
+    channel gets a delivery at accept time."""
 
     channels: tuple[str, ...]
     recipients: dict[str, str]
+    fallback: bool = False
 
 
 class RequestInvalid(Exception):
@@ -117,6 +120,24 @@ def normalize_e164(number: str) -> str:
     if not phonenumbers.is_valid_number(parsed):
         raise ValueError("not a valid phone number for its country code")
     return phonenumbers.format_number(parsed, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _fallback_channels(
+    request: notify_pb2.SendNotificationRequest,
+) -> tuple[tuple[str, ...], list[FieldViolation]]:
+    violations: list[FieldViolation] = []
+    if request.channels:
+        violations.append(_violation("channels", "leave empty when fallback_channels is set"))
+    chain: list[str] = []
+    for index, value in enumerate(request.fallback_channels):
+        name = CHANNEL_NAMES.get(value)
+        if name is None:
+            violations.append(_violation(f"fallback_channels[{index}]", "EMAIL, SMS or PUSH (not ALL)"))
+        elif name in chain:
+            violations.append(_violation(f"fallback_channels[{index}]", f"{name} appears twice"))
+        else:
+            chain.append(name)
+    return tuple(chain), violations
 
 
 def _requested_channels(
@@ -257,7 +278,8 @@ def validate_send_request(request: notify_pb2.SendNotificationRequest) -> Notifi
     Content for channels that were not requested is ignored.
     """
     violations = validate_request_id(request.request_id)
-    channels, channel_violations = _requested_channels(request)
+    fallback = bool(request.fallback_channels)
+    channels, channel_violations = _fallback_channels(request) if fallback else _requested_channels(request)
     violations += channel_violations
     recipients: dict[str, str] = {}
     for channel in channels:
@@ -265,7 +287,7 @@ def validate_send_request(request: notify_pb2.SendNotificationRequest) -> Notifi
     violations += _validate_metadata(request.metadata)
     if violations:
         raise RequestInvalid(violations)
-    return NotificationPlan(channels=channels, recipients=recipients)
+    return NotificationPlan(channels=channels, recipients=recipients, fallback=fallback)
 
 
 def validate_batch_size(count: int) -> list[FieldViolation]:

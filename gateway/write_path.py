@@ -100,11 +100,21 @@ def _plan_rows(
     response = notify_pb2.SendNotificationResponse(
         notification_id=str(notification_id), status=notify_pb2.NOTIFICATION_STATUS_ACCEPTED
     )
+    plan = item.plan
     rows.notifications.append(
-        (notification_id, tenant_id, item.request.request_id, json.dumps(dict(item.request.metadata)), now)
+        (
+            notification_id,
+            tenant_id,
+            item.request.request_id,
+            json.dumps(dict(item.request.metadata)),
+            now,
+            list(plan.channels) if plan.fallback else [],
+            json.dumps(plan.recipients) if plan.fallback else "{}",
+            item.request.SerializeToString() if plan.fallback else None,
+        )
     )
     key = str(tenant_id).encode("ascii")
-    for channel in item.plan.channels:
+    for channel in plan.channels[:1] if plan.fallback else plan.channels:
         delivery_id = uuid6.uuid7()
         recipient = item.plan.recipients[channel]
         event = build_delivery_event(
@@ -167,8 +177,9 @@ async def accept_notifications(
                 outcomes.append(notify_pb2.SendNotificationResponse.FromString(existing["response"]))
         if rows.notifications:
             await conn.executemany(
-                """INSERT INTO notifications (id, tenant_id, request_id, metadata, created_at)
-                   VALUES ($1, $2, $3, $4::jsonb, $5)""",
+                """INSERT INTO notifications (id, tenant_id, request_id, metadata, created_at,
+                                              fallback_channels, recipients, request)
+                   VALUES ($1, $2, $3, $4::jsonb, $5, $6, $7::jsonb, $8)""",
                 rows.notifications,
             )
             await conn.executemany(

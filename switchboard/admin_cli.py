@@ -321,3 +321,107 @@ def generate_master_key_command() -> None:
     from tenants.sealing import generate_master_key
 
     print(generate_master_key())
+
+
+dlq_app = typer.Typer(help="The dead-letter queue: deliveries that ended FAILED.", no_args_is_help=True)
+
+
+def _dead_letter_filter(
+    tenant: str | None, channel: str | None, since: str | None, until: str | None, reason: str | None
+) -> Any:
+    import uuid
+    from datetime import datetime
+
+    from channels.dead_letters import DeadLetterFilter
+
+    if channel is not None and channel not in CHANNELS:
+        raise typer.BadParameter(f"channel must be one of {sorted(CHANNELS)}")
+    try:
+        return DeadLetterFilter(
+            tenant_id=uuid.UUID(tenant) if tenant else None,
+            channel=channel,
+            since=datetime.fromisoformat(since) if since else None,
+            until=datetime.fromisoformat(until) if until else None,
+            reason=reason,
+        )
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+
+
+TenantOpt = Annotated[str | None, typer.Option(help="tenant id")]
+ChannelOpt = Annotated[str | None, typer.Option(help="email, sms or push")]
+SinceOpt = Annotated[str | None, typer.Option(help="dead-lettered at or after (ISO 8601, with offset)")]
+UntilOpt = Annotated[str | None, typer.Option(help="dead-lettered before (ISO 8601, with offset)")]
+ReasonOpt = Annotated[str | None, typer.Option(help="reason contains (case-insensitive)")]
+
+
+async def _with_pool(work: Callable[[Any], Awaitable[T]]) -> T:
+    import asyncpg
+
+    pool = await asyncpg.create_pool(get_settings().require_database_url(), min_size=1, max_size=2)
+    assert pool is not None
+    try:
+        return await work(pool)
+    finally:
+        await pool.close()
+
+
+@dlq_app.command("list")
+def dlq_list(
+    tenant: TenantOpt = None,
+    channel: ChannelOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    reason: ReasonOpt = None,
+    limit: int = 100,
+) -> None:
+    """List dead letters not yet replayed (reads PostgreSQL: SWITCHBOARD_DATABASE_URL)."""
+    from channels.dead_letters import list_dead_letters
+
+    where = _dead_letter_filter(tenant, channel, since, until, reason)
+    letters = asyncio.run(_with_pool(lambda pool: list_dead_letters(pool, where, limit)))
+    table = Table(title=f"{len(letters)} dead letter(s)")
+    for column in ("dead-lettered", "tenant", "channel", "delivery id", "attempts", "reason"):
+        table.add_column(column, overflow="fold")
+    for d in letters:
+        table.add_row(
+            d.dead_lettered_at.isoformat(timespec="seconds"),
+            str(d.tenant_id),
+            d.channel,
+            str(d.delivery_id),
+            str(d.attempts),
+            d.reason,
+        )
+    console.print(table)
+
+
+@dlq_app.command("replay")
+def dlq_replay(
+    tenant: TenantOpt = None,
+    channel: ChannelOpt = None,
+    since: SinceOpt = None,
+    until: UntilOpt = None,
+    reason: ReasonOpt = None,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="only count what would be replayed")] = False,
+) -> None:
+    """Put matching dead deliveries back as new attempts (idempotent: never twice)."""
+    from rich.progress import Progress
+
+    from channels.dead_letters import replay_dead_letters
+
+    where = _dead_letter_filter(tenant, channel, since, until, reason)
+    prefix = get_settings().kafka_topic_prefix
+    with Progress(console=console) as progress:
+        task = progress.add_task("replaying", total=None)
+
+        def report(done: int, total: int) -> None:
+            progress.update(task, completed=done, total=total)
+
+        count = asyncio.run(
+            _with_pool(
+                lambda pool: replay_dead_letters(
+                    pool, where, topic_prefix=prefix, dry_run=dry_run, progress=report
+                )
+            )
+        )
+    console.print(f"{'would replay' if dry_run else 'replayed'} {count} dead letter(s)")

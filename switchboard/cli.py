@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from switchboard.admin_cli import keys_app, providers_app, tenants_app
+from switchboard.admin_cli import dlq_app, keys_app, providers_app, tenants_app
 from switchboard.logs import configure_logging
 from switchboard.settings import get_settings
 
@@ -22,6 +22,7 @@ app = typer.Typer(
 app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(providers_app, name="providers")
+app.add_typer(dlq_app, name="dlq")
 console = Console()
 
 

@@ -80,7 +80,14 @@ class Settings(BaseSettings):
 
     # Channel workers.
     worker_channels: str = Field(default="email,sms,push", description="channels a worker process consumes")
-    worker_max_attempts: int = Field(default=5, ge=1)
+    worker_max_attempts: int = Field(
+        default=5, ge=1, description="default attempts per delivery (per tenant: limits)"
+    )
+    worker_max_age_s: float = Field(
+        default=86_400.0,
+        gt=0,
+        description="default age after which a delivery is not retried (per tenant: limits)",
+    )
     worker_retry_base_ms: int = Field(default=1_000, ge=1)
     worker_retry_max_ms: int = Field(default=300_000, ge=1)
     worker_provider_timeout_s: float = Field(default=15.0, gt=0)

@@ -16,7 +16,7 @@ from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from channels.catalog import dead_letter_topic
-from channels.delivery import Outcome, backoff_delay_s, deliver
+from channels.delivery import Outcome, RetryPolicy, backoff_delay_s, deliver
 from channels.worker import ChannelWorker
 from gateway.relay import OutboxRelay
 from switchboard.embedded import free_port
@@ -102,9 +102,7 @@ async def test_redelivered_event_for_a_final_delivery_does_nothing(
             pool,
             event,
             lambda: providers.provider_for(tenant.tenant_id, "email"),
-            max_attempts=5,
-            retry_base_s=0.01,
-            retry_cap_s=0.01,
+            policy=RetryPolicy(max_attempts=5, max_age_s=3600, base_s=0.01, cap_s=0.01),
         )
         assert outcome == expected
     assert len(smtp_sink.messages_for_delivery(event.delivery_id)) == 1

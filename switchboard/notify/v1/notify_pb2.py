@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from google.rpc import status_pb2 as google_dot_rpc_dot_status__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"switchboard/notify/v1/notify.proto\x12\x15switchboard.notify.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"C\n\tRecipient\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\x11\n\tfcm_token\x18\x03 \x01(\t\";\n\x0c\x45mailContent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04html\x18\x03 \x01(\t\"\x1a\n\nSmsContent\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x93\x01\n\x0bPushContent\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12:\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32,.switchboard.notify.v1.PushContent.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xab\x03\n\x17SendNotificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08\x63hannels\x18\x02 \x03(\x0e\x32\x1e.switchboard.notify.v1.Channel\x12\x33\n\trecipient\x18\x03 \x01(\x0b\x32 .switchboard.notify.v1.Recipient\x12\x32\n\x05\x65mail\x18\x04 \x01(\x0b\x32#.switchboard.notify.v1.EmailContent\x12.\n\x03sms\x18\x05 \x01(\x0b\x32!.switchboard.notify.v1.SmsContent\x12\x30\n\x04push\x18\x06 \x01(\x0b\x32\".switchboard.notify.v1.PushContent\x12N\n\x08metadata\x18\x07 \x03(\x0b\x32<.switchboard.notify.v1.SendNotificationRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0b\x44\x65liveryRef\x12/\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1e.switchboard.notify.v1.Channel\x12\x13\n\x0b\x64\x65livery_id\x18\x02 \x01(\t\"\xa6\x01\n\x18SendNotificationResponse\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).switchboard.notify.v1.NotificationStatus\x12\x36\n\ndeliveries\x18\x03 \x03(\x0b\x32\".switchboard.notify.v1.DeliveryRef\"`\n\x1cSendNotificationBatchRequest\x12@\n\x08requests\x18\x01 \x03(\x0b\x32..switchboard.notify.v1.SendNotificationRequest\"\x91\x01\n\x1bSendNotificationBatchResult\x12\x43\n\x08response\x18\x01 \x01(\x0b\x32/.switchboard.notify.v1.SendNotificationResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"d\n\x1dSendNotificationBatchResponse\x12\x43\n\x07results\x18\x01 \x03(\x0b\x32\x32.switchboard.notify.v1.SendNotificationBatchResult\"1\n\x16GetNotificationRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"\xa0\x02\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12/\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1e.switchboard.notify.v1.Channel\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x35\n\x06status\x18\x04 \x01(\x0e\x32%.switchboard.notify.v1.DeliveryStatus\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x1b\n\x13provider_message_id\x18\x07 \x01(\t\x12\x10\n\x08provider\x18\x08 \x01(\t\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xd2\x02\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x39\n\x06status\x18\x03 \x01(\x0e\x32).switchboard.notify.v1.NotificationStatus\x12\x33\n\ndeliveries\x18\x04 \x03(\x0b\x32\x1f.switchboard.notify.v1.Delivery\x12\x43\n\x08metadata\x18\x05 \x03(\x0b\x32\x31.switchboard.notify.v1.Notification.MetadataEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x17GetNotificationResponse\x12\x39\n\x0cnotification\x18\x01 \x01(\x0b\x32#.switchboard.notify.v1.Notification*i\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x03\x12\x0f\n\x0b\x43HANNEL_ALL\x10\x04*\xcb\x01\n\x12NotificationStatus\x12#\n\x1fNOTIFICATION_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cNOTIFICATION_STATUS_ACCEPTED\x10\x01\x12!\n\x1dNOTIFICATION_STATUS_DELIVERED\x10\x02\x12+\n\'NOTIFICATION_STATUS_PARTIALLY_DELIVERED\x10\x03\x12\x1e\n\x1aNOTIFICATION_STATUS_FAILED\x10\x04*\xa5\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATUS_QUEUED\x10\x01\x12\x1b\n\x17\x44\x45LIVERY_STATUS_SENDING\x10\x02\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x03\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x04\x32\x81\x03\n\x13NotificationService\x12s\n\x10SendNotification\x12..switchboard.notify.v1.SendNotificationRequest\x1a/.switchboard.notify.v1.SendNotificationResponse\x12\x82\x01\n\x15SendNotificationBatch\x12\x33.switchboard.notify.v1.SendNotificationBatchRequest\x1a\x34.switchboard.notify.v1.SendNotificationBatchResponse\x12p\n\x0fGetNotification\x12-.switchboard.notify.v1.GetNotificationRequest\x1a..switchboard.notify.v1.GetNotificationResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\"switchboard/notify/v1/notify.proto\x12\x15switchboard.notify.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17google/rpc/status.proto\"C\n\tRecipient\x12\r\n\x05\x65mail\x18\x01 \x01(\t\x12\x14\n\x0cphone_number\x18\x02 \x01(\t\x12\x11\n\tfcm_token\x18\x03 \x01(\t\";\n\x0c\x45mailContent\x12\x0f\n\x07subject\x18\x01 \x01(\t\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x0c\n\x04html\x18\x03 \x01(\t\"\x1a\n\nSmsContent\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x93\x01\n\x0bPushContent\x12\r\n\x05title\x18\x01 \x01(\t\x12\x0c\n\x04\x62ody\x18\x02 \x01(\t\x12:\n\x04\x64\x61ta\x18\x03 \x03(\x0b\x32,.switchboard.notify.v1.PushContent.DataEntry\x1a+\n\tDataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xe6\x03\n\x17SendNotificationRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x30\n\x08\x63hannels\x18\x02 \x03(\x0e\x32\x1e.switchboard.notify.v1.Channel\x12\x33\n\trecipient\x18\x03 \x01(\x0b\x32 .switchboard.notify.v1.Recipient\x12\x32\n\x05\x65mail\x18\x04 \x01(\x0b\x32#.switchboard.notify.v1.EmailContent\x12.\n\x03sms\x18\x05 \x01(\x0b\x32!.switchboard.notify.v1.SmsContent\x12\x30\n\x04push\x18\x06 \x01(\x0b\x32\".switchboard.notify.v1.PushContent\x12N\n\x08metadata\x18\x07 \x03(\x0b\x32<.switchboard.notify.v1.SendNotificationRequest.MetadataEntry\x12\x39\n\x11\x66\x61llback_channels\x18\x08 \x03(\x0e\x32\x1e.switchboard.notify.v1.Channel\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"S\n\x0b\x44\x65liveryRef\x12/\n\x07\x63hannel\x18\x01 \x01(\x0e\x32\x1e.switchboard.notify.v1.Channel\x12\x13\n\x0b\x64\x65livery_id\x18\x02 \x01(\t\"\xa6\x01\n\x18SendNotificationResponse\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x39\n\x06status\x18\x02 \x01(\x0e\x32).switchboard.notify.v1.NotificationStatus\x12\x36\n\ndeliveries\x18\x03 \x03(\x0b\x32\".switchboard.notify.v1.DeliveryRef\"`\n\x1cSendNotificationBatchRequest\x12@\n\x08requests\x18\x01 \x03(\x0b\x32..switchboard.notify.v1.SendNotificationRequest\"\x91\x01\n\x1bSendNotificationBatchResult\x12\x43\n\x08response\x18\x01 \x01(\x0b\x32/.switchboard.notify.v1.SendNotificationResponseH\x00\x12#\n\x05\x65rror\x18\x02 \x01(\x0b\x32\x12.google.rpc.StatusH\x00\x42\x08\n\x06result\"d\n\x1dSendNotificationBatchResponse\x12\x43\n\x07results\x18\x01 \x03(\x0b\x32\x32.switchboard.notify.v1.SendNotificationBatchResult\"1\n\x16GetNotificationRequest\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\"\xb8\x02\n\x08\x44\x65livery\x12\x13\n\x0b\x64\x65livery_id\x18\x01 \x01(\t\x12/\n\x07\x63hannel\x18\x02 \x01(\x0e\x32\x1e.switchboard.notify.v1.Channel\x12\x11\n\trecipient\x18\x03 \x01(\t\x12\x35\n\x06status\x18\x04 \x01(\x0e\x32%.switchboard.notify.v1.DeliveryStatus\x12\x10\n\x08\x61ttempts\x18\x05 \x01(\x05\x12\x12\n\nlast_error\x18\x06 \x01(\t\x12\x1b\n\x13provider_message_id\x18\x07 \x01(\t\x12\x10\n\x08provider\x18\x08 \x01(\t\x12/\n\x0bupdate_time\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x16\n\x0e\x63hain_position\x18\n \x01(\x05\"\x8d\x03\n\x0cNotification\x12\x17\n\x0fnotification_id\x18\x01 \x01(\t\x12\x12\n\nrequest_id\x18\x02 \x01(\t\x12\x39\n\x06status\x18\x03 \x01(\x0e\x32).switchboard.notify.v1.NotificationStatus\x12\x33\n\ndeliveries\x18\x04 \x03(\x0b\x32\x1f.switchboard.notify.v1.Delivery\x12\x43\n\x08metadata\x18\x05 \x03(\x0b\x32\x31.switchboard.notify.v1.Notification.MetadataEntry\x12/\n\x0b\x63reate_time\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x11\x66\x61llback_channels\x18\x07 \x03(\x0e\x32\x1e.switchboard.notify.v1.Channel\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"T\n\x17GetNotificationResponse\x12\x39\n\x0cnotification\x18\x01 \x01(\x0b\x32#.switchboard.notify.v1.Notification*i\n\x07\x43hannel\x12\x17\n\x13\x43HANNEL_UNSPECIFIED\x10\x00\x12\x11\n\rCHANNEL_EMAIL\x10\x01\x12\x0f\n\x0b\x43HANNEL_SMS\x10\x02\x12\x10\n\x0c\x43HANNEL_PUSH\x10\x03\x12\x0f\n\x0b\x43HANNEL_ALL\x10\x04*\xcb\x01\n\x12NotificationStatus\x12#\n\x1fNOTIFICATION_STATUS_UNSPECIFIED\x10\x00\x12 \n\x1cNOTIFICATION_STATUS_ACCEPTED\x10\x01\x12!\n\x1dNOTIFICATION_STATUS_DELIVERED\x10\x02\x12+\n\'NOTIFICATION_STATUS_PARTIALLY_DELIVERED\x10\x03\x12\x1e\n\x1aNOTIFICATION_STATUS_FAILED\x10\x04*\xa5\x01\n\x0e\x44\x65liveryStatus\x12\x1f\n\x1b\x44\x45LIVERY_STATUS_UNSPECIFIED\x10\x00\x12\x1a\n\x16\x44\x45LIVERY_STATUS_QUEUED\x10\x01\x12\x1b\n\x17\x44\x45LIVERY_STATUS_SENDING\x10\x02\x12\x1d\n\x19\x44\x45LIVERY_STATUS_DELIVERED\x10\x03\x12\x1a\n\x16\x44\x45LIVERY_STATUS_FAILED\x10\x04\x32\x81\x03\n\x13NotificationService\x12s\n\x10SendNotification\x12..switchboard.notify.v1.SendNotificationRequest\x1a/.switchboard.notify.v1.SendNotificationResponse\x12\x82\x01\n\x15SendNotificationBatch\x12\x33.switchboard.notify.v1.SendNotificationBatchRequest\x1a\x34.switchboard.notify.v1.SendNotificationBatchResponse\x12p\n\x0fGetNotification\x12-.switchboard.notify.v1.GetNotificationRequest\x1a..switchboard.notify.v1.GetNotificationResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -39,12 +39,12 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SENDNOTIFICATIONREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_NOTIFICATION_METADATAENTRY']._loaded_options = None
   _globals['_NOTIFICATION_METADATAENTRY']._serialized_options = b'8\001'
-  _globals['_CHANNEL']._serialized_start=2228
-  _globals['_CHANNEL']._serialized_end=2333
-  _globals['_NOTIFICATIONSTATUS']._serialized_start=2336
-  _globals['_NOTIFICATIONSTATUS']._serialized_end=2539
-  _globals['_DELIVERYSTATUS']._serialized_start=2542
-  _globals['_DELIVERYSTATUS']._serialized_end=2707
+  _globals['_CHANNEL']._serialized_start=2370
+  _globals['_CHANNEL']._serialized_end=2475
+  _globals['_NOTIFICATIONSTATUS']._serialized_start=2478
+  _globals['_NOTIFICATIONSTATUS']._serialized_end=2681
+  _globals['_DELIVERYSTATUS']._serialized_start=2684
+  _globals['_DELIVERYSTATUS']._serialized_end=2849
   _globals['_RECIPIENT']._serialized_start=119
   _globals['_RECIPIENT']._serialized_end=186
   _globals['_EMAILCONTENT']._serialized_start=188
@@ -56,29 +56,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_PUSHCONTENT_DATAENTRY']._serialized_start=382
   _globals['_PUSHCONTENT_DATAENTRY']._serialized_end=425
   _globals['_SENDNOTIFICATIONREQUEST']._serialized_start=428
-  _globals['_SENDNOTIFICATIONREQUEST']._serialized_end=855
-  _globals['_SENDNOTIFICATIONREQUEST_METADATAENTRY']._serialized_start=808
-  _globals['_SENDNOTIFICATIONREQUEST_METADATAENTRY']._serialized_end=855
-  _globals['_DELIVERYREF']._serialized_start=857
-  _globals['_DELIVERYREF']._serialized_end=940
-  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_start=943
-  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_end=1109
-  _globals['_SENDNOTIFICATIONBATCHREQUEST']._serialized_start=1111
-  _globals['_SENDNOTIFICATIONBATCHREQUEST']._serialized_end=1207
-  _globals['_SENDNOTIFICATIONBATCHRESULT']._serialized_start=1210
-  _globals['_SENDNOTIFICATIONBATCHRESULT']._serialized_end=1355
-  _globals['_SENDNOTIFICATIONBATCHRESPONSE']._serialized_start=1357
-  _globals['_SENDNOTIFICATIONBATCHRESPONSE']._serialized_end=1457
-  _globals['_GETNOTIFICATIONREQUEST']._serialized_start=1459
-  _globals['_GETNOTIFICATIONREQUEST']._serialized_end=1508
-  _globals['_DELIVERY']._serialized_start=1511
-  _globals['_DELIVERY']._serialized_end=1799
-  _globals['_NOTIFICATION']._serialized_start=1802
-  _globals['_NOTIFICATION']._serialized_end=2140
-  _globals['_NOTIFICATION_METADATAENTRY']._serialized_start=808
-  _globals['_NOTIFICATION_METADATAENTRY']._serialized_end=855
-  _globals['_GETNOTIFICATIONRESPONSE']._serialized_start=2142
-  _globals['_GETNOTIFICATIONRESPONSE']._serialized_end=2226
-  _globals['_NOTIFICATIONSERVICE']._serialized_start=2710
-  _globals['_NOTIFICATIONSERVICE']._serialized_end=3095
+  _globals['_SENDNOTIFICATIONREQUEST']._serialized_end=914
+  _globals['_SENDNOTIFICATIONREQUEST_METADATAENTRY']._serialized_start=867
+  _globals['_SENDNOTIFICATIONREQUEST_METADATAENTRY']._serialized_end=914
+  _globals['_DELIVERYREF']._serialized_start=916
+  _globals['_DELIVERYREF']._serialized_end=999
+  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_start=1002
+  _globals['_SENDNOTIFICATIONRESPONSE']._serialized_end=1168
+  _globals['_SENDNOTIFICATIONBATCHREQUEST']._serialized_start=1170
+  _globals['_SENDNOTIFICATIONBATCHREQUEST']._serialized_end=1266
+  _globals['_SENDNOTIFICATIONBATCHRESULT']._serialized_start=1269
+  _globals['_SENDNOTIFICATIONBATCHRESULT']._serialized_end=1414
+  _globals['_SENDNOTIFICATIONBATCHRESPONSE']._serialized_start=1416
+  _globals['_SENDNOTIFICATIONBATCHRESPONSE']._serialized_end=1516
+  _globals['_GETNOTIFICATIONREQUEST']._serialized_start=1518
+  _globals['_GETNOTIFICATIONREQUEST']._serialized_end=1567
+  _globals['_DELIVERY']._serialized_start=1570
+  _globals['_DELIVERY']._serialized_end=1882
+  _globals['_NOTIFICATION']._serialized_start=1885
+  _globals['_NOTIFICATION']._serialized_end=2282
+  _globals['_NOTIFICATION_METADATAENTRY']._serialized_start=867
+  _globals['_NOTIFICATION_METADATAENTRY']._serialized_end=914
+  _globals['_GETNOTIFICATIONRESPONSE']._serialized_start=2284
+  _globals['_GETNOTIFICATIONRESPONSE']._serialized_end=2368
+  _globals['_NOTIFICATIONSERVICE']._serialized_start=2852
+  _globals['_NOTIFICATIONSERVICE']._serialized_end=3237
 # @@protoc_insertion_point(module_scope)

@@ -274,6 +274,7 @@ class SendNotificationRequest(_message.Message):
     SMS_FIELD_NUMBER: _builtins.int
     PUSH_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
+    FALLBACK_CHANNELS_FIELD_NUMBER: _builtins.int
     request_id: _builtins.str
     """Idempotency key (AIP-155): the same key from the same tenant returns the
     first answer and writes nothing. 1 to 128 printable ASCII characters; a UUID is recommended.
@@ -304,6 +305,15 @@ class SendNotificationRequest(_message.Message):
         64 and values at most 512 characters.
         """
 
+    @_builtins.property
+    def fallback_channels(self) -> _containers.RepeatedScalarFieldContainer[Global___Channel.ValueType]:
+        """An ordered fallback instead of `channels`, e.g. [PUSH, SMS, EMAIL]: only
+        the first channel is tried; when its delivery fails permanently (or runs
+        out of attempts) a delivery on the next channel is created, and so on.
+        Each listed channel needs its recipient and content. Leave `channels`
+        empty when this is set.
+        """
+
     def __init__(
         self,
         *,
@@ -314,10 +324,11 @@ class SendNotificationRequest(_message.Message):
         sms: Global___SmsContent | None = ...,
         push: Global___PushContent | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        fallback_channels: _abc.Iterable[Global___Channel.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["email", b"email", "push", b"push", "recipient", b"recipient", "sms", b"sms"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "email", b"email", "metadata", b"metadata", "push", b"push", "recipient", b"recipient", "request_id", b"request_id", "sms", b"sms"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "email", b"email", "fallback_channels", b"fallback_channels", "metadata", b"metadata", "push", b"push", "recipient", b"recipient", "request_id", b"request_id", "sms", b"sms"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -500,6 +511,7 @@ class Delivery(_message.Message):
     PROVIDER_MESSAGE_ID_FIELD_NUMBER: _builtins.int
     PROVIDER_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    CHAIN_POSITION_FIELD_NUMBER: _builtins.int
     delivery_id: _builtins.str
     """The delivery id."""
     channel: Global___Channel.ValueType
@@ -516,6 +528,8 @@ class Delivery(_message.Message):
     """The provider's message id once DELIVERED."""
     provider: _builtins.str
     """The provider that handled the last attempt (e.g. "smtp", "sandbox")."""
+    chain_position: _builtins.int
+    """Position along the notification's fallback chain (0 = first channel)."""
     @_builtins.property
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the delivery last changed."""
@@ -532,10 +546,11 @@ class Delivery(_message.Message):
         provider_message_id: _builtins.str = ...,
         provider: _builtins.str = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        chain_position: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "channel", b"channel", "delivery_id", b"delivery_id", "last_error", b"last_error", "provider", b"provider", "provider_message_id", b"provider_message_id", "recipient", b"recipient", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempts", b"attempts", "chain_position", b"chain_position", "channel", b"channel", "delivery_id", b"delivery_id", "last_error", b"last_error", "provider", b"provider", "provider_message_id", b"provider_message_id", "recipient", b"recipient", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -573,6 +588,7 @@ class Notification(_message.Message):
     DELIVERIES_FIELD_NUMBER: _builtins.int
     METADATA_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
+    FALLBACK_CHANNELS_FIELD_NUMBER: _builtins.int
     notification_id: _builtins.str
     """The notification id."""
     request_id: _builtins.str
@@ -591,6 +607,12 @@ class Notification(_message.Message):
     def create_time(self) -> _timestamp_pb2.Timestamp:
         """When it was accepted."""
 
+    @_builtins.property
+    def fallback_channels(self) -> _containers.RepeatedScalarFieldContainer[Global___Channel.ValueType]:
+        """The fallback chain, if the notification has one (deliveries exist only for
+        the channels tried so far).
+        """
+
     def __init__(
         self,
         *,
@@ -600,10 +622,11 @@ class Notification(_message.Message):
         deliveries: _abc.Iterable[Global___Delivery] | None = ...,
         metadata: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
+        fallback_channels: _abc.Iterable[Global___Channel.ValueType] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deliveries", b"deliveries", "metadata", b"metadata", "notification_id", b"notification_id", "request_id", b"request_id", "status", b"status"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "deliveries", b"deliveries", "fallback_channels", b"fallback_channels", "metadata", b"metadata", "notification_id", b"notification_id", "request_id", b"request_id", "status", b"status"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
