@@ -20,14 +20,18 @@ def test_generated_code_matches_the_protos(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="session")
 def buf() -> str:
-    """The pinned buf CLI from npm (package.json); installed with `npm ci` if missing."""
+    """The pinned buf CLI from npm (package.json pins the exact version); installed if missing.
+
+    ``npm install``, not ``npm ci``: npm 11 writes lock files without the other
+    platforms' optional buf binaries and then refuses ``npm ci`` on them.
+    """
     binary = REPO_ROOT / "node_modules" / ".bin" / "buf"
     if not binary.exists():
         npm = shutil.which("npm")
         if npm is None:
             pytest.skip("npm is not installed: buf (npm package @bufbuild/buf) cannot be installed")
         subprocess.run(
-            [npm, "ci", "--no-audit", "--no-fund", "--ignore-scripts"],
+            [npm, "install", "--no-audit", "--no-fund", "--ignore-scripts"],
             cwd=REPO_ROOT,
             check=True,
             capture_output=True,
