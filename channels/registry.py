@@ -17,10 +17,18 @@ from typing import Any
 import asyncpg
 from cachetools import TTLCache
 
+from channels.brevo import DEFAULT_BASE_URL as BREVO_BASE_URL
+from channels.brevo import BrevoProvider
 from channels.delivery import RetryPolicy
+from channels.fcm import FcmProvider, InvalidTokenStore
+from channels.invalid_tokens import PostgresInvalidTokenStore
 from channels.provider import PermanentDeliveryError, Provider
 from channels.sandbox import SandboxProvider
 from channels.smtp import SmtpProvider
+from channels.twilio import DEFAULT_BASE_URL as TWILIO_BASE_URL
+from channels.twilio import TwilioProvider
+from channels.two_factor import DEFAULT_BASE_URL as TWO_FACTOR_BASE_URL
+from channels.two_factor import TwoFactorProvider
 from switchboard.settings import Settings
 from tenants import store
 from tenants.provider_cache import ProviderCache
@@ -60,13 +68,49 @@ def default_providers(settings: Settings) -> dict[str, Provider]:
 
 
 def build_provider(
-    config: store.StoredProviderConfig, secrets: dict[str, str], settings: Settings
+    config: store.StoredProviderConfig,
+    secrets: dict[str, str],
+    settings: Settings,
+    invalid_tokens: InvalidTokenStore | None = None,
 ) -> Provider:
     """The provider client for one stored configuration and its opened secrets.
 
     Raises ``PermanentDeliveryError`` for a provider this build cannot speak.
     """
     s = config.settings
+    timeout_s = settings.worker_provider_timeout_s
+    if config.provider == "brevo":
+        return BrevoProvider(
+            secrets["api_key"],
+            s["sender_email"],
+            s.get("sender_name", ""),
+            base_url=s.get("base_url") or BREVO_BASE_URL,
+            timeout_s=timeout_s,
+        )
+    if config.provider == "two_factor":
+        return TwoFactorProvider(
+            secrets["api_key"],
+            s["sender_id"],
+            base_url=s.get("base_url") or TWO_FACTOR_BASE_URL,
+            timeout_s=timeout_s,
+        )
+    if config.provider == "twilio":
+        return TwilioProvider(
+            s["account_sid"],
+            secrets["auth_token"],
+            from_number=s.get("from_number", ""),
+            messaging_service_sid=s.get("messaging_service_sid", ""),
+            base_url=s.get("base_url") or TWILIO_BASE_URL,
+            timeout_s=timeout_s,
+        )
+    if config.provider == "fcm":
+        return FcmProvider(
+            config.tenant_id,
+            json.loads(secrets["service_account_json"]),
+            endpoint_base=s.get("endpoint_base", ""),
+            timeout_s=timeout_s,
+            invalid_tokens=invalid_tokens,
+        )
     if config.provider == "smtp":
         return SmtpProvider(
             s["host"],
@@ -93,6 +137,7 @@ class TenantProviders:
             if settings.default_providers
             else {}
         )
+        self._invalid_tokens = PostgresInvalidTokenStore(pool)
         self._limits: TTLCache[uuid.UUID, store.TenantLimits] = TTLCache(maxsize=10_000, ttl=60.0)
         self.cache = ProviderCache(
             self._load,
@@ -119,7 +164,7 @@ class TenantProviders:
             SealedSecret(config.key_id, config.nonce, config.ciphertext),
             secrets_associated_data(tenant_id, channel),
         )
-        return build_provider(config, json.loads(plaintext), self._settings)
+        return build_provider(config, json.loads(plaintext), self._settings, self._invalid_tokens)
 
     async def provider_for(self, tenant_id: uuid.UUID, channel: str) -> Provider:
         """The tenant's provider for ``channel``; raises ``PermanentDeliveryError`` as described above."""

@@ -98,6 +98,29 @@ def smtp_sink(
 
 
 @app.command()
+def fakes(
+    twilio_port: Annotated[int, typer.Option()],
+    fcm_port: Annotated[int, typer.Option()],
+    twilio_token_file: Annotated[Path, typer.Option(help="file holding the fake Twilio auth token")],
+    service_account: Annotated[Path, typer.Option(help="service-account JSON the fake FCM accepts")],
+    journal_dir: Annotated[Path, typer.Option(help="where accepted requests are appended")],
+) -> None:
+    """Run the dev stack's fake Twilio and FCM (+ OAuth2) on loopback."""
+    from switchboard.fakes.dev import DevFakes, run_dev_fakes
+
+    _setup()
+    run_dev_fakes(
+        DevFakes(
+            twilio_port=twilio_port,
+            fcm_port=fcm_port,
+            twilio_auth_token=twilio_token_file.read_text(encoding="utf-8").strip(),
+            service_account_path=service_account,
+            journal_dir=journal_dir,
+        )
+    )
+
+
+@app.command()
 def dev() -> None:
     """Run the whole stack locally on embedded defaults until Ctrl-C."""
     from switchboard.dev import DevStack, run_until_signal

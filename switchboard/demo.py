@@ -1,8 +1,9 @@
 """`switchboard demo`: one notification on every channel through the real API.
 
 Brings up the dev stack; through the admin API creates (or reuses) the tenant
-``demo``, gives it its own SMTP provider configuration (the dev sink, sealed
-like any tenant's) and a fresh API key; calls ``SendNotification`` over gRPC
+``demo``, gives it its own providers, sealed like any tenant's (SMTP to the dev
+sink; Twilio and FCM to the dev stack's fakes, so the real provider code runs)
+and a fresh API key; calls ``SendNotification`` over gRPC
 for EMAIL, SMS and PUSH; polls ``GetNotification`` until every delivery is
 final or the timeout passes; and prints where each delivery landed. Exit code
 0 only if all were DELIVERED.
@@ -25,6 +26,7 @@ from rich.table import Table
 from channels.catalog import CHANNEL_NAMES
 from channels.sandbox import sandbox_file
 from switchboard.dev import DevStack
+from switchboard.fakes.dev import DEV_TWILIO_ACCOUNT_SID
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 
@@ -80,6 +82,36 @@ async def demo_api_key(stack: DevStack) -> str:
                         port=stack.settings.smtp_port,
                         tls_mode=tenants_pb2.SMTP_TLS_MODE_NONE,
                         from_address="Demo <demo@switchboard.localhost>",
+                    )
+                ),
+            ),
+            metadata=metadata,
+        )
+        fakes = stack.fakes
+        assert fakes is not None
+        await admin.SetProviderConfig(
+            tenants_pb2.SetProviderConfigRequest(
+                tenant_id=tenant_id,
+                channel=notify_pb2.CHANNEL_SMS,
+                config=tenants_pb2.ProviderConfig(
+                    twilio=tenants_pb2.TwilioConfig(
+                        account_sid=DEV_TWILIO_ACCOUNT_SID,
+                        auth_token=fakes.twilio_auth_token,
+                        from_number="+15005550006",
+                        base_url=fakes.twilio_base_url,
+                    )
+                ),
+            ),
+            metadata=metadata,
+        )
+        await admin.SetProviderConfig(
+            tenants_pb2.SetProviderConfigRequest(
+                tenant_id=tenant_id,
+                channel=notify_pb2.CHANNEL_PUSH,
+                config=tenants_pb2.ProviderConfig(
+                    fcm=tenants_pb2.FcmConfig(
+                        service_account_json=fakes.service_account_path.read_text(encoding="utf-8"),
+                        endpoint_base=fakes.fcm_base_url,
                     )
                 ),
             ),
@@ -150,10 +182,14 @@ async def send_and_wait(stack: DevStack, api_key: str, timeout_s: float) -> Demo
                 break
             await asyncio.sleep(0.1)
     landed: dict[str, str] = {}
+    journals = {"twilio": "twilio.jsonl", "fcm": "fcm.jsonl"}
     for d in notification.deliveries:
         name = CHANNEL_NAMES[d.channel]
         if name == "email":
             landed[d.delivery_id] = find_in_maildir(stack.maildir, d.delivery_id)
+        elif d.provider in journals and stack.fakes is not None and d.provider_message_id:
+            journal = stack.fakes.journal_dir / journals[d.provider]
+            landed[d.delivery_id] = f"fake {d.provider}: {d.provider_message_id} ({journal})"
         else:
             landed[d.delivery_id] = find_in_sandbox(sandbox_file(stack.sandbox_dir, name), d.delivery_id)
     return DemoResult(notification=notification, landed=landed, elapsed_s=time.monotonic() - started)

@@ -12,6 +12,7 @@ dies with this process (PR_SET_PDEATHSIG), so nothing is left behind.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import secrets
 import signal
@@ -26,6 +27,8 @@ import asyncpg
 
 from switchboard.db.migrate import migrate
 from switchboard.embedded import EmbeddedKafka, EmbeddedPostgres, child_preexec, wait_for_port
+from switchboard.fakes.dev import DEV_FCM_PROJECT, DevFakes
+from switchboard.fakes.fcm import make_service_account
 from switchboard.settings import Settings
 from tenants.sealing import generate_master_key
 
@@ -52,6 +55,7 @@ class DevStack:
     maildir: Path = Path()
     sandbox_dir: Path = Path()
     log_dir: Path = Path()
+    fakes: DevFakes | None = None
     master_key: str = field(default="", repr=False)
     admin_token: str = field(default="", repr=False)
     postgres: EmbeddedPostgres | None = None
@@ -121,7 +125,25 @@ class DevStack:
             self.kafka_bootstrap = s.kafka_bootstrap
         asyncio.run(migrate(self.database_url))
 
+        self.fakes = self._prepare_fakes(data_dir)
+        fakes = self.fakes
         self.children = [
+            ChildProcess(
+                "fakes",
+                [
+                    "fakes",
+                    "--twilio-port",
+                    str(fakes.twilio_port),
+                    "--fcm-port",
+                    str(fakes.fcm_port),
+                    "--twilio-token-file",
+                    str(data_dir / "fake-twilio-token"),
+                    "--service-account",
+                    str(fakes.service_account_path),
+                    "--journal-dir",
+                    str(fakes.journal_dir),
+                ],
+            ),
             ChildProcess(
                 "smtp-sink",
                 [
@@ -153,8 +175,29 @@ class DevStack:
             log.close()
             if child.name == "smtp-sink":
                 wait_for_port(s.smtp_host, s.smtp_port, 15, child.process)
+            if child.name == "fakes":
+                wait_for_port("127.0.0.1", fakes.fcm_port, 15, child.process)
         host, _, port = self.grpc_addr.rpartition(":")
         wait_for_port(host.strip("[]") or "127.0.0.1", int(port), 30, self.children[1].process)
+
+    def _prepare_fakes(self, data_dir: Path) -> DevFakes:
+        """Credentials for the fake Twilio and FCM (made once, kept in the data folder)."""
+        s = self.settings
+        token = dev_secret(data_dir / "fake-twilio-token", lambda: secrets.token_hex(16))
+        account_path = data_dir / "fake-fcm-service-account.json"
+        fcm_base = f"http://127.0.0.1:{s.dev_fcm_port}"
+        account = json.loads(account_path.read_text()) if account_path.exists() else None
+        if account is None or account.get("token_uri") != f"{fcm_base}/token":
+            account = make_service_account(f"{fcm_base}/token", DEV_FCM_PROJECT)
+            account_path.touch(mode=0o600)
+            account_path.write_text(json.dumps(account), encoding="utf-8")
+        return DevFakes(
+            twilio_port=s.dev_twilio_port,
+            fcm_port=s.dev_fcm_port,
+            twilio_auth_token=token,
+            service_account_path=account_path,
+            journal_dir=data_dir / "fakes",
+        )
 
     def exited_child(self) -> ChildProcess | None:
         """The first child that is no longer running, if any."""
@@ -193,7 +236,11 @@ class DevStack:
             ("Kafka bootstrap", self.kafka_bootstrap),
             ("SMTP sink", f"{self.settings.smtp_host}:{self.settings.smtp_port}"),
             ("Mail lands in (Maildir)", str(self.maildir)),
-            ("SMS/push sandbox", str(self.sandbox_dir)),
+            ("SMS/push sandbox (tenants without providers)", str(self.sandbox_dir)),
+            (
+                "Fake Twilio / FCM",
+                f"{self.fakes.twilio_base_url} / {self.fakes.fcm_base_url}" if self.fakes else "-",
+            ),
             ("Logs", str(self.log_dir)),
             ("Admin token (SWITCHBOARD_ADMIN_TOKEN)", str(self.settings.data_dir.resolve() / "admin-token")),
         ]

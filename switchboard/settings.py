@@ -101,6 +101,8 @@ class Settings(BaseSettings):
     # Embedded dev stack ports.
     dev_postgres_port: int = Field(default=54329, ge=1, le=65535)
     dev_kafka_port: int = Field(default=19092, ge=1, le=65535)
+    dev_twilio_port: int = Field(default=18081, ge=1, le=65535, description="the dev stack's fake Twilio")
+    dev_fcm_port: int = Field(default=18082, ge=1, le=65535, description="the dev stack's fake FCM + OAuth2")
 
     # Logging.
     log_level: str = Field(default="info")

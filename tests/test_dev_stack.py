@@ -31,6 +31,8 @@ def stack_env(data_dir: Path) -> dict[str, str]:
         SWITCHBOARD_DEV_POSTGRES_PORT=str(free_port()),
         SWITCHBOARD_DEV_KAFKA_PORT=str(free_port()),
         SWITCHBOARD_SMTP_PORT=str(free_port()),
+        SWITCHBOARD_DEV_TWILIO_PORT=str(free_port()),
+        SWITCHBOARD_DEV_FCM_PORT=str(free_port()),
     )
     return env
 

@@ -8,7 +8,6 @@ deliberate delay, so a blocking refresh on the event loop shows up as a stall.
 from __future__ import annotations
 
 import asyncio
-import base64
 import json
 import threading
 import time
@@ -22,10 +21,12 @@ from urllib.parse import parse_qs
 import firebase_admin  # type: ignore[import-untyped]
 import pytest
 from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import padding, rsa
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import rsa
 from firebase_admin import messaging
 
+# The JWT-bearer grant checks are shared with the fake FCM (switchboard/fakes/fcm.py).
+from switchboard.fakes.fcm import JWT_BEARER, verify_grant
 from tenants import firebase_apps
 from tenants.firebase_apps import (
     access_token_needs_refresh,
@@ -37,10 +38,6 @@ from tenants.firebase_apps import (
 )
 
 TOKEN_DELAY_S = 0.3
-JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
-# google-auth signs the grant for Google's endpoint whatever token_uri says
-# (google/oauth2/service_account.py).
-GRANT_AUDIENCE = "https://oauth2.googleapis.com/token"
 
 
 @dataclass
@@ -53,35 +50,6 @@ class FakeTokenEndpoint:
     other_requests: list[str] = field(default_factory=list)
     delay_s: float = TOKEN_DELAY_S
     counter: int = 0
-
-
-def _b64decode(part: str) -> bytes:
-    return base64.urlsafe_b64decode(part + "=" * (-len(part) % 4))
-
-
-def verify_grant(assertion: str, public_keys: dict[str, bytes]) -> dict[str, Any]:
-    """The claims of a service account's RS256 JWT grant, after checking signature, audience and expiry.
-
-    Raises ``InvalidSignature``, ``KeyError`` (unknown key id) or ``ValueError``.
-    """
-    header_b64, claims_b64, signature_b64 = assertion.split(".")
-    header = json.loads(_b64decode(header_b64))
-    if header.get("alg") != "RS256":
-        raise ValueError(f"unexpected alg {header.get('alg')!r}")
-    public_key = serialization.load_pem_public_key(public_keys[header["kid"]])
-    assert isinstance(public_key, rsa.RSAPublicKey)
-    public_key.verify(
-        _b64decode(signature_b64),
-        f"{header_b64}.{claims_b64}".encode(),
-        padding.PKCS1v15(),
-        hashes.SHA256(),
-    )
-    claims: dict[str, Any] = json.loads(_b64decode(claims_b64))
-    if claims.get("aud") != GRANT_AUDIENCE:
-        raise ValueError(f"wrong audience {claims.get('aud')!r}")
-    if not claims["iat"] <= time.time() + 60 < claims["exp"] + 60:
-        raise ValueError("grant outside its validity window")
-    return claims
 
 
 def _handler(endpoint: FakeTokenEndpoint) -> type[BaseHTTPRequestHandler]:

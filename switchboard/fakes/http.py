@@ -19,6 +19,7 @@ import asyncio
 import json
 from collections import deque
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from aiohttp import web
@@ -81,6 +82,10 @@ class FakeProviderServer:
     ``received`` lists accepted requests in order; ``faults`` is a FIFO of
     faults for the next requests (one per request).
     """
+
+    #: When set, every accepted request is also appended to this JSON-lines file
+    #: (the dev stack shows where demo messages landed).
+    journal: Path | None = None
 
     def __init__(self, host: str = "127.0.0.1", port: int = 0) -> None:
         self.host = host
@@ -165,3 +170,7 @@ class FakeProviderServer:
         self.received.append(
             Received(method=request.method, path=request.path, headers=dict(request.headers), body=body)
         )
+        if self.journal is not None:
+            line = {"fake": type(self).__name__, "method": request.method, "path": request.path, "body": body}
+            with self.journal.open("a", encoding="utf-8") as handle:
+                handle.write(json.dumps(line, default=str) + "\n")
