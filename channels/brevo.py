@@ -58,7 +58,7 @@ answer                                            outcome
 400 bad request (missing/invalid parameter)       permanent
 401 unauthorized (API key invalid)                permanent
 402 payment required (``not_enough_credits``)     permanent until the account is topped up
-403 forbidden (e.g. account/IP/sender not allowed) permanent
+403 forbidden (account, IP, sender not allowed)   permanent
 404 not found, other 4xx, 3xx                     permanent (408 is retryable)
 429 too many requests                             retryable; ``retry_after_s`` = the larger of
                                                   ``Retry-After`` and ``x-sib-ratelimit-reset``

@@ -30,6 +30,7 @@ import asyncpg
 import uuid6
 from google.protobuf import timestamp_pb2
 
+from channels.callbacks import enqueue_status_change
 from channels.catalog import CHANNEL_NAMES, dead_letter_topic, delivery_topic
 from channels.provider import DeliveryError, Provider, RetryableDeliveryError
 from gateway.write_path import OUTBOX_NOTIFY_CHANNEL, build_delivery_event
@@ -65,6 +66,29 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
+async def _status_changed(
+    tx: Connection,
+    event: events_pb2.DeliveryRequested,
+    status: str,
+    attempt: int,
+    error: str = "",
+    provider_message_id: str = "",
+) -> None:
+    """Queue the tenant's signed status callback (if it has one) in the same transaction."""
+    await enqueue_status_change(
+        tx,
+        tenant_id=event.tenant_id,
+        delivery_id=event.delivery_id,
+        notification_id=event.notification_id,
+        channel=CHANNEL_NAMES[event.channel],
+        status=status,
+        attempt=attempt,
+        error=error,
+        provider_message_id=provider_message_id,
+        occurred_at=datetime.now(UTC),
+    )
+
+
 async def claim_delivery(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested) -> int | None:
     """Mark the delivery SENDING and open attempt N; return N, or ``None`` for a duplicate event."""
     async with pool.acquire() as tx, tx.transaction():
@@ -86,6 +110,7 @@ async def claim_delivery(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested
             uuid.UUID(event.delivery_id),
             attempt,
         )
+        await _status_changed(tx, event, "sending", int(attempt))
         return int(attempt)
 
 
@@ -116,6 +141,7 @@ async def record_delivered(
             provider_name,
             provider_message_id,
         )
+        await _status_changed(tx, event, "delivered", attempt, provider_message_id=provider_message_id)
 
 
 async def _attempt_history(tx: Connection, delivery_id: uuid.UUID) -> list[events_pb2.DeliveryAttempt]:
@@ -255,6 +281,7 @@ async def record_failure(
                 reason,
                 due,
             )
+            await _status_changed(tx, event, "queued", attempt, reason)
             await tx.execute(
                 """INSERT INTO outbox (topic, key, payload, delivery_id, available_at)
                    VALUES ($1, $2, $3, $4, $5)""",
@@ -270,6 +297,7 @@ async def record_failure(
             delivery_id,
             final_reason,
         )
+        await _status_changed(tx, event, "failed", attempt, final_reason)
         dead = events_pb2.DeliveryDeadLettered(
             delivery=event,
             reason=final_reason,

@@ -406,6 +406,7 @@ class FcmProvider:
             invalid_tokens if invalid_tokens is not None else InMemoryInvalidTokenStore()
         )
         self._app: firebase_admin.App | None = None
+        self._pointed_app: firebase_admin.App | None = None  # the app point_messaging_at last set up
         self._closed = False
 
     def __repr__(self) -> str:
@@ -475,7 +476,7 @@ class FcmProvider:
         Later sends fail with ``RetryableDeliveryError`` (a new provider takes over).
         """
         self._closed = True
-        app, self._app = self._app, None
+        app, self._app, self._pointed_app = self._app, None, None
         if app is not None:
             await delete_app(app)
 
@@ -538,10 +539,15 @@ class FcmProvider:
         except ValueError as error:
             raise PermanentDeliveryError(_reason(f"the FCM service account is invalid: {error}")) from None
         self._app = app
-        try:
-            point_messaging_at(app, self._endpoint_base)
-        except RuntimeError as error:
-            raise RetryableDeliveryError(str(error)) from None
+        if app is not self._pointed_app:
+            # The app's first messaging use builds _MessagingService: a requests session and an
+            # httpx client with three SSL contexts, 70-150 ms of CPU; keep it off the loop.
+            # App._get_service is guarded by the app's threading lock.
+            try:
+                await asyncio.to_thread(point_messaging_at, app, self._endpoint_base)
+            except RuntimeError as error:
+                raise RetryableDeliveryError(str(error)) from None
+            self._pointed_app = app
         return app
 
     async def _mark_invalid(self, token: str, reason: str) -> None:

@@ -28,7 +28,7 @@ Replies are classified by RFC 5321 section 4.2 (4.2.1: the first digit):
 ====================================================  =========================================
 event                                                 outcome
 ====================================================  =========================================
-421 service not available, closing channel (4.2.3)    retryable (any command, incl. the greeting)
+421 service not available, closing channel (4.2.3)    retryable (any stage, even the greeting)
 450/451/452 (mailbox busy, local error, storage)      retryable
 550/551/552/553/554 (mailbox, policy, transaction)    permanent
 RCPT refused (``SMTPRecipientsRefused``, or the       by the recipient's reply code

@@ -18,6 +18,7 @@ import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
 
+from channels import callbacks
 from channels.catalog import CHANNEL_NAMES, CHANNEL_VALUES
 from gateway.auth import bearer_token
 from gateway.errors import (
@@ -98,6 +99,17 @@ def provider_config_view(config: store.StoredProviderConfig) -> tenants_pb2.Prov
         secret_fields=config.secret_fields,
         secret_fingerprint=config.secret_fingerprint,
         update_time=_timestamp(config.updated_at),
+    )
+
+
+def status_callback_message(stored: callbacks.TenantCallback) -> tenants_pb2.StatusCallback:
+    """The API form of a tenant's callback endpoint (no secret)."""
+    return tenants_pb2.StatusCallback(
+        tenant_id=str(stored.tenant_id),
+        url=stored.url,
+        create_time=_timestamp(stored.created_at),
+        update_time=_timestamp(stored.updated_at),
+        previous_secret_expire_time=_timestamp(stored.previous_secret_expires_at),
     )
 
 
@@ -418,5 +430,56 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
             if not deleted:
                 raise RpcError(not_found("provider config", f"{request.tenant_id}/{channel}"))
             return tenants_pb2.DeleteProviderConfigResponse()
+
+        return await self._call(context, work)
+
+    async def SetStatusCallback(
+        self, request: tenants_pb2.SetStatusCallbackRequest, context: Context
+    ) -> tenants_pb2.SetStatusCallbackResponse:
+        async def work() -> tenants_pb2.SetStatusCallbackResponse:
+            tenant_id = parse_tenant_id(request.tenant_id)
+            async with self._pool.acquire() as conn, conn.transaction():
+                try:
+                    secret = await callbacks.set_tenant_callback(
+                        conn,
+                        tenant_id,
+                        request.url,
+                        previous_secret_valid_s=float(request.previous_secret_valid_seconds),
+                    )
+                except callbacks.CallbackUrlError as exc:
+                    raise _invalid("url", str(exc)) from None
+                except LookupError:
+                    raise RpcError(not_found("tenant", request.tenant_id)) from None
+                except ValueError as exc:
+                    raise _invalid("previous_secret_valid_seconds", str(exc)) from None
+                stored = await callbacks.get_tenant_callback(conn, tenant_id)
+            assert stored is not None
+            return tenants_pb2.SetStatusCallbackResponse(
+                callback=status_callback_message(stored), signing_secret=secret.hex()
+            )
+
+        return await self._call(context, work)
+
+    async def GetStatusCallback(
+        self, request: tenants_pb2.GetStatusCallbackRequest, context: Context
+    ) -> tenants_pb2.GetStatusCallbackResponse:
+        async def work() -> tenants_pb2.GetStatusCallbackResponse:
+            stored = await callbacks.get_tenant_callback(self._pool, parse_tenant_id(request.tenant_id))
+            if stored is None:
+                raise RpcError(not_found("status callback", request.tenant_id))
+            return tenants_pb2.GetStatusCallbackResponse(callback=status_callback_message(stored))
+
+        return await self._call(context, work)
+
+    async def DeleteStatusCallback(
+        self, request: tenants_pb2.DeleteStatusCallbackRequest, context: Context
+    ) -> tenants_pb2.DeleteStatusCallbackResponse:
+        async def work() -> tenants_pb2.DeleteStatusCallbackResponse:
+            tenant_id = parse_tenant_id(request.tenant_id)
+            async with self._pool.acquire() as conn, conn.transaction():
+                deleted = await callbacks.delete_tenant_callback(conn, tenant_id)
+            if not deleted:
+                raise RpcError(not_found("status callback", request.tenant_id))
+            return tenants_pb2.DeleteStatusCallbackResponse()
 
         return await self._call(context, work)

@@ -21,6 +21,7 @@ import asyncpg
 import structlog
 from aiokafka import AIOKafkaProducer
 
+from channels.callbacks import CallbackDispatcher
 from channels.catalog import all_topics
 from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
 from switchboard.kafka import ensure_topics, make_producer
@@ -198,6 +199,20 @@ class OutboxRelay:
             await asyncio.wait_for(self._stopping.wait(), self._settings.relay_error_backoff_ms / 1000)
 
 
+def make_callback_dispatcher(pool: asyncpg.Pool, settings: Settings) -> CallbackDispatcher:
+    """The status-callback dispatcher configured from the ``callback_*`` settings."""
+    return CallbackDispatcher(
+        pool,
+        batch_size=settings.callback_batch_size,
+        max_attempts=settings.callback_max_attempts,
+        base_backoff_s=settings.callback_retry_base_s,
+        max_backoff_s=settings.callback_retry_max_s,
+        timeout_s=settings.callback_timeout_s,
+        poll_interval_s=settings.callback_poll_interval_ms / 1000,
+        max_concurrency=settings.callback_max_concurrency,
+    )
+
+
 async def run_relay_process(settings: Settings) -> None:
     """Run one relay until SIGTERM/SIGINT; the current batch finishes first."""
     from switchboard.db.pool import create_pool
@@ -206,9 +221,21 @@ async def run_relay_process(settings: Settings) -> None:
     pool = await create_pool(settings)
     relay = OutboxRelay(pool, settings)
     task = asyncio.create_task(relay.run())
+    # Status callbacks get their own small pool, away from the connections the outbox uses.
+    callback_pool = await asyncpg.create_pool(
+        settings.require_database_url(), min_size=1, max_size=2, command_timeout=settings.db_command_timeout_s
+    )
+    assert callback_pool is not None
+    dispatcher = make_callback_dispatcher(callback_pool, settings)
+    stop_callbacks = asyncio.Event()
+    callback_task = asyncio.create_task(dispatcher.run(stop_callbacks))
     log.info("relay running")
     await wait_for_shutdown_signal()
     relay.stop()
+    stop_callbacks.set()
     await task
+    await callback_task
+    await dispatcher.aclose()
+    await callback_pool.close()
     await pool.close()
     log.info("relay stopped", published=relay.published)

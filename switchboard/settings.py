@@ -92,6 +92,15 @@ class Settings(BaseSettings):
     worker_retry_max_ms: int = Field(default=300_000, ge=1)
     worker_provider_timeout_s: float = Field(default=15.0, gt=0)
 
+    # Signed status callbacks (dispatched by the relay process).
+    callback_batch_size: int = Field(default=100, ge=1)
+    callback_max_attempts: int = Field(default=10, ge=1)
+    callback_retry_base_s: float = Field(default=1.0, gt=0)
+    callback_retry_max_s: float = Field(default=3600.0, gt=0)
+    callback_timeout_s: float = Field(default=10.0, gt=0)
+    callback_poll_interval_ms: int = Field(default=500, ge=1)
+    callback_max_concurrency: int = Field(default=16, ge=1)
+
     # Default providers (tenants without their own configuration).
     smtp_host: str = Field(default="127.0.0.1")
     smtp_port: int = Field(default=2525, ge=1, le=65535)

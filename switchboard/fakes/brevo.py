@@ -39,7 +39,7 @@ from typing import Any
 
 from aiohttp import web
 
-from switchboard.fakes.http import FakeProviderServer, Fault
+from switchboard.fakes.http import LOST_RESPONSE, FakeProviderServer, Fault
 
 SEND_PATH = "/v3/smtp/email"
 #: Brevo's documented idempotency key lifetime (seconds).
@@ -170,7 +170,7 @@ class FakeBrevo(FakeProviderServer):
         message_id = self._next_message_id()
         self.record(request, body)
         self.message_ids.append(message_id)
-        if request.get("lost_response"):
+        if request.get(LOST_RESPONSE):
             self.drop_connection(request)
             return web.Response(status=500)  # never reaches the client
         return web.json_response({"messageId": message_id}, status=201)

@@ -63,7 +63,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
-from switchboard.fakes.http import FakeProviderServer, Received
+from switchboard.fakes.http import LOST_RESPONSE, FakeProviderServer, Received
 
 JWT_BEARER = "urn:ietf:params:oauth:grant-type:jwt-bearer"
 #: The audience google-auth puts in every service-account grant (google/oauth2/service_account.py).
@@ -400,7 +400,7 @@ class FakeFcm(FakeProviderServer):
         if body.get("validate_only"):
             return web.json_response({"name": f"projects/{project_id}/messages/fake_message_id"})
         self.record(request, body)
-        if request.get("lost_response"):
+        if request.get(LOST_RESPONSE):
             self.drop_connection(request)
         return web.json_response({"name": name})
 

@@ -24,6 +24,9 @@ from typing import Any
 
 from aiohttp import web
 
+#: Set on a request whose answer must be lost after the work is recorded.
+LOST_RESPONSE = web.RequestKey("lost_response", bool)
+
 
 @dataclass(frozen=True)
 class Fault:
@@ -131,7 +134,7 @@ class FakeProviderServer:
         the normal one, or ``None`` to carry on (after a delay for ``slow``).
 
         ``lost_response`` is returned to the caller as ``None`` too, with
-        ``request["lost_response"]`` set: the handler records the work and then
+        ``request[LOST_RESPONSE]`` set: the handler records the work and then
         calls :meth:`drop_connection`.
         """
         self.requests_seen += 1
@@ -154,7 +157,7 @@ class FakeProviderServer:
         if fault.kind == "malformed":
             return web.Response(status=200, text="<html>not json", content_type="text/html")
         if fault.kind == "lost_response":
-            request["lost_response"] = True
+            request[LOST_RESPONSE] = True
             return None
         raise ValueError(f"unknown fault kind {fault.kind!r}")
 

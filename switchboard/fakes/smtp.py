@@ -276,7 +276,8 @@ class FakeSmtpServer:
     """An SMTP server on ``host:port`` (a free port if 0); see the module docstring.
 
     Use as a context manager or call :meth:`start` / :meth:`stop`. ``auth_require_tls``
-    defaults to ``True`` for STARTTLS and ``False`` otherwise.
+    defaults to ``True`` for STARTTLS and ``False`` otherwise. ``auth_mechanisms``:
+    the SASL mechanisms offered (``LOGIN`` and/or ``PLAIN``).
     """
 
     def __init__(
@@ -286,6 +287,7 @@ class FakeSmtpServer:
         username: str | None = None,
         password: str | None = None,
         auth_require_tls: bool | None = None,
+        auth_mechanisms: tuple[str, ...] = ("LOGIN", "PLAIN"),
         host: str = "127.0.0.1",
         port: int = 0,
     ) -> None:
@@ -297,6 +299,10 @@ class FakeSmtpServer:
         self._username = username
         self._password = password
         self._auth_require_tls = tls == "starttls" if auth_require_tls is None else auth_require_tls
+        unknown = set(auth_mechanisms) - {"LOGIN", "PLAIN"}
+        if unknown or not auth_mechanisms:
+            raise ValueError(f"auth_mechanisms: a non-empty subset of LOGIN, PLAIN (got {auth_mechanisms})")
+        self._auth_exclude = tuple(m for m in ("LOGIN", "PLAIN") if m not in auth_mechanisms)
         self._state = _State()
         self._tempdir: tempfile.TemporaryDirectory[str] | None = None
         self._certificate: GeneratedCertificate | None = None
@@ -323,9 +329,15 @@ class FakeSmtpServer:
                 authenticator=self._authenticate,
                 auth_required=True,
                 auth_require_tls=self._auth_require_tls,
+                auth_exclude_mechanism=self._auth_exclude,
             )
-        self._controller = Controller(_Handler(self._state, self.tls), **kwargs)
-        self._controller.start()
+        controller = Controller(_Handler(self._state, self.tls), **kwargs)
+        try:
+            controller.start()
+        except BaseException:
+            self.stop()
+            raise
+        self._controller = controller
 
     def stop(self) -> None:
         """Stop listening, close connections, delete the certificate files."""

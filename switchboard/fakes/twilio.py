@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 
 from aiohttp import web
 
-from switchboard.fakes.http import FakeProviderServer, Fault
+from switchboard.fakes.http import LOST_RESPONSE, FakeProviderServer, Fault
 
 MESSAGES_PATH = "/2010-04-01/Accounts/{account_sid}/Messages.json"
 MAX_BODY_CHARS = 1600
@@ -116,7 +116,7 @@ class FakeTwilio(FakeProviderServer):
         message = self._message_resource(form)
         self.messages.append(message)
         self.record(request, form)
-        if request.get("lost_response"):
+        if request.get(LOST_RESPONSE):
             self.drop_connection(request)
         return web.json_response(message, status=201)
 

@@ -25,7 +25,7 @@ import uuid
 
 from aiohttp import web
 
-from switchboard.fakes.http import FakeProviderServer, Fault
+from switchboard.fakes.http import LOST_RESPONSE, FakeProviderServer, Fault
 
 SEND_PATH = "/API/V1/{api_key}/ADDON_SERVICES/SEND/TSMS"
 MAX_MSG_CHARS = 1600
@@ -91,6 +91,6 @@ class FakeTwoFactor(FakeProviderServer):
         message_id = str(uuid.uuid4())
         self.message_ids.append(message_id)
         self.record(request, form)
-        if request.get("lost_response"):
+        if request.get(LOST_RESPONSE):
             self.drop_connection(request)
         return _status("Success", message_id)

@@ -1116,3 +1116,190 @@ class DeleteProviderConfigResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___DeleteProviderConfigResponse: _TypeAlias = DeleteProviderConfigResponse  # noqa: Y015
+
+@_typing.final
+class StatusCallback(_message.Message):
+    """A tenant's status callback endpoint."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    CREATE_TIME_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SECRET_EXPIRE_TIME_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    url: _builtins.str
+    """Where events are POSTed (http or https)."""
+    @_builtins.property
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was created."""
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last set."""
+
+    @_builtins.property
+    def previous_secret_expire_time(self) -> _timestamp_pb2.Timestamp:
+        """Until when the previous signing secret still signs (a second v1 entry); unset if none."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        create_time: _timestamp_pb2.Timestamp | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+        previous_secret_expire_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "previous_secret_expire_time", b"previous_secret_expire_time", "update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "previous_secret_expire_time", b"previous_secret_expire_time", "tenant_id", b"tenant_id", "update_time", b"update_time", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StatusCallback: _TypeAlias = StatusCallback  # noqa: Y015
+
+@_typing.final
+class SetStatusCallbackRequest(_message.Message):
+    """Request for SetStatusCallback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    URL_FIELD_NUMBER: _builtins.int
+    PREVIOUS_SECRET_VALID_SECONDS_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    url: _builtins.str
+    """The endpoint URL (http or https, at most 2048 characters, no credentials)."""
+    previous_secret_valid_seconds: _builtins.int
+    """Seconds the previous secret keeps signing too, for a rotation without gaps."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        url: _builtins.str = ...,
+        previous_secret_valid_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_secret_valid_seconds", b"previous_secret_valid_seconds", "tenant_id", b"tenant_id", "url", b"url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetStatusCallbackRequest: _TypeAlias = SetStatusCallbackRequest  # noqa: Y015
+
+@_typing.final
+class SetStatusCallbackResponse(_message.Message):
+    """Response for SetStatusCallback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLBACK_FIELD_NUMBER: _builtins.int
+    SIGNING_SECRET_FIELD_NUMBER: _builtins.int
+    signing_secret: _builtins.str
+    """The new signing secret, 64 hex digits (32 bytes): shown once."""
+    @_builtins.property
+    def callback(self) -> Global___StatusCallback:
+        """The endpoint."""
+
+    def __init__(
+        self,
+        *,
+        callback: Global___StatusCallback | None = ...,
+        signing_secret: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "signing_secret", b"signing_secret"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetStatusCallbackResponse: _TypeAlias = SetStatusCallbackResponse  # noqa: Y015
+
+@_typing.final
+class GetStatusCallbackRequest(_message.Message):
+    """Request for GetStatusCallback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusCallbackRequest: _TypeAlias = GetStatusCallbackRequest  # noqa: Y015
+
+@_typing.final
+class GetStatusCallbackResponse(_message.Message):
+    """Response for GetStatusCallback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CALLBACK_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def callback(self) -> Global___StatusCallback:
+        """The endpoint, without its secret."""
+
+    def __init__(
+        self,
+        *,
+        callback: Global___StatusCallback | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusCallbackResponse: _TypeAlias = GetStatusCallbackResponse  # noqa: Y015
+
+@_typing.final
+class DeleteStatusCallbackRequest(_message.Message):
+    """Request for DeleteStatusCallback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteStatusCallbackRequest: _TypeAlias = DeleteStatusCallbackRequest  # noqa: Y015
+
+@_typing.final
+class DeleteStatusCallbackResponse(_message.Message):
+    """Response for DeleteStatusCallback."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteStatusCallbackResponse: _TypeAlias = DeleteStatusCallbackResponse  # noqa: Y015

@@ -103,6 +103,21 @@ class TenantAdminServiceStub:
                 request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigRequest.SerializeToString,
                 response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigResponse.FromString,
                 _registered_method=True)
+        self.SetStatusCallback = channel.unary_unary(
+                '/switchboard.tenants.v1.TenantAdminService/SetStatusCallback',
+                request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetStatusCallbackRequest.SerializeToString,
+                response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetStatusCallbackResponse.FromString,
+                _registered_method=True)
+        self.GetStatusCallback = channel.unary_unary(
+                '/switchboard.tenants.v1.TenantAdminService/GetStatusCallback',
+                request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetStatusCallbackRequest.SerializeToString,
+                response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetStatusCallbackResponse.FromString,
+                _registered_method=True)
+        self.DeleteStatusCallback = channel.unary_unary(
+                '/switchboard.tenants.v1.TenantAdminService/DeleteStatusCallback',
+                request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteStatusCallbackRequest.SerializeToString,
+                response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteStatusCallbackResponse.FromString,
+                _registered_method=True)
 
 
 class TenantAdminServiceServicer:
@@ -203,6 +218,29 @@ class TenantAdminServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetStatusCallback(self, request, context):
+        """Sets the tenant's status callback URL; every delivery state change is
+        POSTed to it, signed (header Switchboard-Signature: t=<unix s>,v1=<hex
+        HMAC-SHA256(secret, "<t>." + body)>). The signing secret is returned once.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetStatusCallback(self, request, context):
+        """Returns the tenant's status callback (never the secret).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteStatusCallback(self, request, context):
+        """Deletes the tenant's status callback; pending events are given up.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TenantAdminServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -270,6 +308,21 @@ def add_TenantAdminServiceServicer_to_server(servicer, server):
                     servicer.DeleteProviderConfig,
                     request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigRequest.FromString,
                     response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigResponse.SerializeToString,
+            ),
+            'SetStatusCallback': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetStatusCallback,
+                    request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetStatusCallbackRequest.FromString,
+                    response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetStatusCallbackResponse.SerializeToString,
+            ),
+            'GetStatusCallback': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatusCallback,
+                    request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetStatusCallbackRequest.FromString,
+                    response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetStatusCallbackResponse.SerializeToString,
+            ),
+            'DeleteStatusCallback': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteStatusCallback,
+                    request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteStatusCallbackRequest.FromString,
+                    response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteStatusCallbackResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -627,6 +680,87 @@ class TenantAdminService:
             '/switchboard.tenants.v1.TenantAdminService/DeleteProviderConfig',
             switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigRequest.SerializeToString,
             switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetStatusCallback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.tenants.v1.TenantAdminService/SetStatusCallback',
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetStatusCallbackRequest.SerializeToString,
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetStatusCallbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatusCallback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.tenants.v1.TenantAdminService/GetStatusCallback',
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetStatusCallbackRequest.SerializeToString,
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetStatusCallbackResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteStatusCallback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.tenants.v1.TenantAdminService/DeleteStatusCallback',
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteStatusCallbackRequest.SerializeToString,
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteStatusCallbackResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -63,6 +63,15 @@ class TenantAdminServiceStub:
     """Lists a tenant's provider configurations without their secrets."""
     DeleteProviderConfig: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.DeleteProviderConfigRequest, _tenants_pb2.DeleteProviderConfigResponse]
     """Deletes a provider configuration."""
+    SetStatusCallback: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.SetStatusCallbackRequest, _tenants_pb2.SetStatusCallbackResponse]
+    """Sets the tenant's status callback URL; every delivery state change is
+    POSTed to it, signed (header Switchboard-Signature: t=<unix s>,v1=<hex
+    HMAC-SHA256(secret, "<t>." + body)>). The signing secret is returned once.
+    """
+    GetStatusCallback: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.GetStatusCallbackRequest, _tenants_pb2.GetStatusCallbackResponse]
+    """Returns the tenant's status callback (never the secret)."""
+    DeleteStatusCallback: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.DeleteStatusCallbackRequest, _tenants_pb2.DeleteStatusCallbackResponse]
+    """Deletes the tenant's status callback; pending events are given up."""
 
 @_typing.type_check_only
 class TenantAdminServiceAsyncStub(TenantAdminServiceStub):
@@ -99,6 +108,15 @@ class TenantAdminServiceAsyncStub(TenantAdminServiceStub):
     """Lists a tenant's provider configurations without their secrets."""
     DeleteProviderConfig: _aio.UnaryUnaryMultiCallable[_tenants_pb2.DeleteProviderConfigRequest, _tenants_pb2.DeleteProviderConfigResponse]  # type: ignore[assignment]
     """Deletes a provider configuration."""
+    SetStatusCallback: _aio.UnaryUnaryMultiCallable[_tenants_pb2.SetStatusCallbackRequest, _tenants_pb2.SetStatusCallbackResponse]  # type: ignore[assignment]
+    """Sets the tenant's status callback URL; every delivery state change is
+    POSTed to it, signed (header Switchboard-Signature: t=<unix s>,v1=<hex
+    HMAC-SHA256(secret, "<t>." + body)>). The signing secret is returned once.
+    """
+    GetStatusCallback: _aio.UnaryUnaryMultiCallable[_tenants_pb2.GetStatusCallbackRequest, _tenants_pb2.GetStatusCallbackResponse]  # type: ignore[assignment]
+    """Returns the tenant's status callback (never the secret)."""
+    DeleteStatusCallback: _aio.UnaryUnaryMultiCallable[_tenants_pb2.DeleteStatusCallbackRequest, _tenants_pb2.DeleteStatusCallbackResponse]  # type: ignore[assignment]
+    """Deletes the tenant's status callback; pending events are given up."""
 
 class TenantAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     """TenantAdminService manages tenants, their API keys and their provider
@@ -210,5 +228,32 @@ class TenantAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tenants_pb2.DeleteProviderConfigResponse, _abc.Awaitable[_tenants_pb2.DeleteProviderConfigResponse]]:
         """Deletes a provider configuration."""
+
+    @_abc_1.abstractmethod
+    def SetStatusCallback(
+        self,
+        request: _tenants_pb2.SetStatusCallbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenants_pb2.SetStatusCallbackResponse, _abc.Awaitable[_tenants_pb2.SetStatusCallbackResponse]]:
+        """Sets the tenant's status callback URL; every delivery state change is
+        POSTed to it, signed (header Switchboard-Signature: t=<unix s>,v1=<hex
+        HMAC-SHA256(secret, "<t>." + body)>). The signing secret is returned once.
+        """
+
+    @_abc_1.abstractmethod
+    def GetStatusCallback(
+        self,
+        request: _tenants_pb2.GetStatusCallbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenants_pb2.GetStatusCallbackResponse, _abc.Awaitable[_tenants_pb2.GetStatusCallbackResponse]]:
+        """Returns the tenant's status callback (never the secret)."""
+
+    @_abc_1.abstractmethod
+    def DeleteStatusCallback(
+        self,
+        request: _tenants_pb2.DeleteStatusCallbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenants_pb2.DeleteStatusCallbackResponse, _abc.Awaitable[_tenants_pb2.DeleteStatusCallbackResponse]]:
+        """Deletes the tenant's status callback; pending events are given up."""
 
 def add_TenantAdminServiceServicer_to_server(servicer: TenantAdminServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
