@@ -80,13 +80,17 @@ from __future__ import annotations
 
 import json
 import math
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError, SendResult
+from channels.provider import (
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    SendResult,
+    parse_retry_after,
+)
 from switchboard.notify.v1 import events_pb2
 
 DEFAULT_BASE_URL = "https://api.brevo.com"
@@ -103,26 +107,6 @@ _PERMANENT_MEANING = {
     403: "forbidden: the account, sender or IP is not allowed to send",
     404: "not found: check the base URL",
 }
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (RFC 9110 section 10.2.3).
-
-    Accepts delay-seconds (``"120"``) or an HTTP-date (a date in the past is 0).
-    Returns ``None`` for a missing or unparseable value.
-    """
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def parse_ratelimit_reset(value: str | None) -> float | None:

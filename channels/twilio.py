@@ -63,17 +63,21 @@ from __future__ import annotations
 
 import json
 import re
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 
 import httpx
 
-from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError, SendResult
+from channels.provider import (
+    AMBIGUOUS_PREFIX,
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    SendResult,
+    parse_retry_after,
+)
 from switchboard.notify.v1 import events_pb2
 
 #: Reasons of failures after which the SMS may nevertheless have been sent start with this.
-AMBIGUOUS_PREFIX = "ambiguous:"
 DEFAULT_BASE_URL = "https://api.twilio.com"
 _E164_RE = re.compile(r"^\+[1-9][0-9]{6,14}$")
 _MAX_PROVIDER_TEXT = 300
@@ -97,26 +101,6 @@ RETRYABLE_CODES: dict[int, str] = {
 def is_ambiguous(error: DeliveryError) -> bool:
     """Whether ``error`` is a failure after which the SMS may have been sent."""
     return error.reason.startswith(AMBIGUOUS_PREFIX)
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (RFC 9110 section 10.2.3).
-
-    Accepts delay-seconds (``"120"``) or an HTTP-date; a date in the past is 0.
-    Returns ``None`` for a missing or unparseable value.
-    """
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 class TwilioProvider:

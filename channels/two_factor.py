@@ -56,18 +56,22 @@ from __future__ import annotations
 import json
 import re
 import urllib.request
-from datetime import UTC, datetime
-from email.utils import parsedate_to_datetime
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 
-from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError, SendResult
+from channels.provider import (
+    AMBIGUOUS_PREFIX,
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    SendResult,
+    parse_retry_after,
+)
 from switchboard.notify.v1 import events_pb2
 
 #: Reasons of failures after which the SMS may nevertheless have been sent start with this.
-AMBIGUOUS_PREFIX = "ambiguous:"
 DEFAULT_BASE_URL = "https://2factor.in"
 _KEY_PLACEHOLDER = "REDACTED-API-KEY"
 _SEND_PATH = f"/API/V1/{_KEY_PLACEHOLDER}/ADDON_SERVICES/SEND/TSMS"
@@ -111,26 +115,6 @@ _RETRYABLE_MARKERS = (
     "unavailable",
     "server error",
 )
-
-
-def parse_retry_after(value: str | None, *, now: datetime | None = None) -> float | None:
-    """Seconds to wait from a ``Retry-After`` header (RFC 9110 section 10.2.3).
-
-    Accepts delay-seconds (``"120"``) or an HTTP-date; a date in the past is 0.
-    Returns ``None`` for a missing or unparseable value.
-    """
-    if value is None or not value.strip():
-        return None
-    text = value.strip()
-    if text.isdigit():
-        return float(text)
-    try:
-        when = parsedate_to_datetime(text)
-    except (TypeError, ValueError, IndexError):
-        return None
-    if when.tzinfo is None:
-        when = when.replace(tzinfo=UTC)
-    return max(0.0, (when - (now or datetime.now(UTC))).total_seconds())
 
 
 def classify_details(details: str) -> DeliveryError:

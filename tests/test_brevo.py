@@ -11,8 +11,8 @@ from dataclasses import dataclass
 import httpx
 import pytest
 
-from channels.brevo import DUPLICATE_MESSAGE_ID_PREFIX, BrevoProvider, parse_retry_after
-from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from channels.brevo import DUPLICATE_MESSAGE_ID_PREFIX, BrevoProvider
+from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError, parse_retry_after
 from switchboard.fakes.brevo import FakeBrevo
 from switchboard.fakes.http import Fault
 from switchboard.notify.v1 import events_pb2, notify_pb2

@@ -19,8 +19,8 @@ from collections.abc import AsyncIterator, Iterator
 import httpx
 import pytest
 
-from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
-from channels.twilio import AMBIGUOUS_PREFIX, TwilioProvider, is_ambiguous
+from channels.provider import AMBIGUOUS_PREFIX, DeliveryError, PermanentDeliveryError, RetryableDeliveryError
+from channels.twilio import TwilioProvider, is_ambiguous
 from switchboard.embedded import free_port
 from switchboard.fakes.http import Fault
 from switchboard.fakes.twilio import FakeTwilio

@@ -17,8 +17,14 @@ from datetime import UTC, datetime
 import httpx
 import pytest
 
-from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
-from channels.two_factor import AMBIGUOUS_PREFIX, TwoFactorProvider, parse_retry_after
+from channels.provider import (
+    AMBIGUOUS_PREFIX,
+    DeliveryError,
+    PermanentDeliveryError,
+    RetryableDeliveryError,
+    parse_retry_after,
+)
+from channels.two_factor import TwoFactorProvider
 from switchboard.embedded import free_port
 from switchboard.fakes.http import Fault
 from switchboard.fakes.two_factor import FakeTwoFactor
