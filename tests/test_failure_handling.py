@@ -156,3 +156,44 @@ async def test_a_delivery_older_than_the_tenant_max_age_is_not_retried(
         row = await wait_for(failed, timeout_s=60)
     assert "older than 1 s" in row["last_error"]
     assert row["attempts"] < settings.worker_max_attempts
+
+
+async def test_a_waiting_retry_does_not_hold_up_the_partition(
+    stub: Stub,
+    tenant: TenantCredentials,
+    pool: asyncpg.Pool,
+    settings: Settings,
+    scripted_smtp: ScriptedSmtpHandler,  # noqa: F811
+) -> None:
+    """Same tenant (so same key and partition): the first delivery waits a long
+    backoff while the second, behind it in the partition, is delivered."""
+    settings.worker_retry_base_ms = settings.worker_retry_max_ms = 600_000
+    scripted_smtp.replies = ["451 4.3.0 later"]
+    first = await stub.SendNotification(
+        send_request(channels=[notify_pb2.CHANNEL_EMAIL]), metadata=tenant.metadata
+    )
+    second = await stub.SendNotification(
+        send_request(channels=[notify_pb2.CHANNEL_EMAIL]), metadata=tenant.metadata
+    )
+
+    async def status_of(reply: notify_pb2.SendNotificationResponse) -> str:
+        return str(
+            await pool.fetchval(
+                "SELECT status FROM deliveries WHERE notification_id = $1", uuid.UUID(reply.notification_id)
+            )
+        )
+
+    async def second_delivered() -> bool:
+        return await status_of(second) == "delivered"
+
+    async with running_pipeline(pool, settings, channels=("email",)):
+        await wait_for(second_delivered, timeout_s=30)
+    # The first one failed and waits a backoff drawn from [0, 600 s] (outbox row due
+    # later), while the consumer went on: a worker sleeping through that backoff
+    # would have held the second one for minutes.
+    outcome = await pool.fetchval(
+        """SELECT a.outcome FROM delivery_attempts a JOIN deliveries d ON d.id = a.delivery_id
+            WHERE d.notification_id = $1 AND a.attempt_number = 1""",
+        uuid.UUID(first.notification_id),
+    )
+    assert outcome == "retryable"
