@@ -75,8 +75,11 @@ def test_demo_delivers_every_channel_and_leaves_nothing_running(tmp_path: Path) 
     mails = list((data_dir / "maildir" / "new").iterdir())
     assert len(mails) == 1
     assert "Subject: Hello from Switchboard" in mails[0].read_text()
-    assert (data_dir / "sandbox" / "sms.jsonl").exists()
-    assert (data_dir / "sandbox" / "push.jsonl").exists()
+    # SMS and push went through the real Twilio and FCM provider code to the dev fakes.
+    twilio = [json.loads(line) for line in (data_dir / "fakes" / "twilio.jsonl").read_text().splitlines()]
+    fcm = [json.loads(line) for line in (data_dir / "fakes" / "fcm.jsonl").read_text().splitlines()]
+    assert [r["body"]["To"] for r in twilio] == ["+14155550123"]
+    assert [r["body"]["message"]["notification"]["title"] for r in fcm] == ["Hello"]
     assert leftover_processes(data_dir, env) == []
 
 
