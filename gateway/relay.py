@@ -99,6 +99,24 @@ async def sweep_unfinished_deliveries(
     return int(swept or 0)
 
 
+async def reap_idempotency_keys(pool: asyncpg.Pool, *, retention_s: float, limit: int = 10_000) -> int:
+    """Delete up to ``limit`` request_id records older than ``retention_s`` seconds; return how many."""
+    deleted = await pool.fetchval(
+        """WITH old AS (
+               SELECT tenant_id, request_id FROM idempotency_keys
+                WHERE created_at < now() - make_interval(secs => $1)
+                LIMIT $2 FOR UPDATE SKIP LOCKED),
+           gone AS (
+               DELETE FROM idempotency_keys k USING old
+                WHERE k.tenant_id = old.tenant_id AND k.request_id = old.request_id
+               RETURNING 1)
+           SELECT count(*) FROM gone""",
+        retention_s,
+        limit,
+    )
+    return int(deleted or 0)
+
+
 class OutboxRelay:
     """A relay loop over ``pool`` publishing with a producer built from ``settings``.
 
@@ -159,6 +177,9 @@ class OutboxRelay:
             if swept:
                 self.swept += swept
                 log.warning("swept unfinished deliveries back to the outbox", count=swept)
+            reaped = await reap_idempotency_keys(self._pool, retention_s=settings.idempotency_retention_s)
+            if reaped:
+                log.info("reaped expired idempotency keys", count=reaped)
         if self._listener is None or self._listener.is_closed():
             self._listener = await asyncpg.connect(settings.require_database_url())
             await self._listener.add_listener(OUTBOX_NOTIFY_CHANNEL, self._on_notify)

@@ -71,7 +71,13 @@ async def start_gateway(
     server = grpc.aio.server()
     authenticator = Authenticator(pool)
     notify_pb2_grpc.add_NotificationServiceServicer_to_server(
-        NotificationService(pool, authenticator, topic_prefix=settings.kafka_topic_prefix), server
+        NotificationService(
+            pool,
+            authenticator,
+            topic_prefix=settings.kafka_topic_prefix,
+            idempotency_retention_s=settings.idempotency_retention_s,
+        ),
+        server,
     )
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     tenants_pb2_grpc.add_TenantAdminServiceServicer_to_server(

@@ -15,7 +15,7 @@ from gateway.errors import RpcError, invalid_argument, not_found
 from gateway.rpc import answer, database_errors_as_unavailable
 from gateway.status_queries import get_notification
 from gateway.validation import FieldViolation, RequestInvalid, validate_batch_size, validate_send_request
-from gateway.write_path import AcceptRequest, accept_notifications
+from gateway.write_path import DEFAULT_IDEMPOTENCY_RETENTION_S, AcceptRequest, accept_notifications
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -25,10 +25,18 @@ T = TypeVar("T")
 class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
     """Implements ``switchboard.notify.v1.NotificationService``."""
 
-    def __init__(self, pool: asyncpg.Pool, authenticator: Authenticator, *, topic_prefix: str = "") -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        authenticator: Authenticator,
+        *,
+        topic_prefix: str = "",
+        idempotency_retention_s: float = DEFAULT_IDEMPOTENCY_RETENTION_S,
+    ) -> None:
         self._pool = pool
         self._auth = authenticator
         self._topic_prefix = topic_prefix
+        self._retention_s = idempotency_retention_s
 
     async def SendNotification(
         self, request: notify_pb2.SendNotificationRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -41,7 +49,11 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                 except RequestInvalid as exc:
                     raise RpcError(invalid_argument(exc.violations)) from None
                 (outcome,) = await accept_notifications(
-                    self._pool, tenant_id, [AcceptRequest(request, plan)], topic_prefix=self._topic_prefix
+                    self._pool,
+                    tenant_id,
+                    [AcceptRequest(request, plan)],
+                    topic_prefix=self._topic_prefix,
+                    retention_s=self._retention_s,
                 )
             if isinstance(outcome, notify_pb2.SendNotificationResponse):
                 return outcome
@@ -67,7 +79,11 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                         results[index].error.CopyFrom(invalid_argument(exc.violations))
                 if valid:
                     outcomes = await accept_notifications(
-                        self._pool, tenant_id, [a for _, a in valid], topic_prefix=self._topic_prefix
+                        self._pool,
+                        tenant_id,
+                        [a for _, a in valid],
+                        topic_prefix=self._topic_prefix,
+                        retention_s=self._retention_s,
                     )
                     for (index, _), outcome in zip(valid, outcomes, strict=True):
                         if isinstance(outcome, notify_pb2.SendNotificationResponse):

@@ -31,6 +31,9 @@ from gateway.errors import idempotency_key_reused
 from gateway.validation import NotificationPlan
 from switchboard.notify.v1 import events_pb2, notify_pb2
 
+#: How long a request_id is remembered (Stripe keeps keys 24 h); a setting.
+DEFAULT_IDEMPOTENCY_RETENTION_S = 86_400.0
+
 #: The channel relays LISTEN on; NOTIFY is delivered at commit.
 OUTBOX_NOTIFY_CHANNEL = "switchboard_outbox"
 
@@ -133,12 +136,18 @@ def _plan_rows(
 
 
 async def accept_notifications(
-    pool: asyncpg.Pool, tenant_id: uuid.UUID, items: list[AcceptRequest], *, topic_prefix: str = ""
+    pool: asyncpg.Pool,
+    tenant_id: uuid.UUID,
+    items: list[AcceptRequest],
+    *,
+    topic_prefix: str = "",
+    retention_s: float = DEFAULT_IDEMPOTENCY_RETENTION_S,
 ) -> list[AcceptOutcome]:
     """Write ``items`` for ``tenant_id`` in one transaction; one outcome per item.
 
     An outcome is the ``SendNotificationResponse`` (new or replayed) or a
     ``google.rpc.Status`` (the request_id was used for a different request).
+    A request_id older than ``retention_s`` seconds is treated as unused.
     Either everything new is committed or, on a database error (raised as
     asyncpg's exception), nothing is.
     """
@@ -149,13 +158,21 @@ async def accept_notifications(
             fingerprint = request_fingerprint(item.request)
             planned = _Rows([], [], [])
             response = _plan_rows(tenant_id, item, topic_prefix, planned)
+            # A key older than the retention window counts as unused: it is
+            # taken over (the reaper deletes such keys; this covers the gap).
             inserted = await conn.fetchval(
                 """INSERT INTO idempotency_keys (tenant_id, request_id, request_hash, response)
-                   VALUES ($1, $2, $3, $4) ON CONFLICT DO NOTHING RETURNING true""",
+                   VALUES ($1, $2, $3, $4)
+                   ON CONFLICT (tenant_id, request_id) DO UPDATE
+                      SET request_hash = excluded.request_hash, response = excluded.response,
+                          created_at = now()
+                    WHERE idempotency_keys.created_at < now() - make_interval(secs => $5)
+                   RETURNING true""",
                 tenant_id,
                 item.request.request_id,
                 fingerprint,
                 response.SerializeToString(),
+                retention_s,
             )
             if inserted:
                 rows.notifications += planned.notifications

@@ -69,6 +69,11 @@ class Settings(BaseSettings):
     kafka_linger_ms: int = Field(default=5, ge=0)
     kafka_request_timeout_ms: int = Field(default=10_000, ge=100)
 
+    # Idempotency keys (AIP-155 request_id).
+    idempotency_retention_s: float = Field(
+        default=86_400.0, gt=0, description="how long a request_id is remembered; the relay reaps older ones"
+    )
+
     # Outbox relay.
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
     relay_poll_interval_ms: int = Field(default=200, ge=1, description="poll when no NOTIFY arrives")
