@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from typing import Any, TypeVar
@@ -37,11 +38,41 @@ async def database_errors_as_unavailable() -> AsyncIterator[None]:
         ) from exc
 
 
+#: Work on an RPC without a client deadline is bounded by this (seconds).
+DEFAULT_RPC_BUDGET_S = 30.0
+#: Answer this long before the client's deadline, so the answer arrives in time (seconds).
+DEADLINE_MARGIN_S = 0.05
+
+
+def rpc_budget_s(context: grpc.aio.ServicerContext[Any, Any]) -> float:
+    """Seconds the servicer may work: the client's remaining deadline less a margin, or the default."""
+    remaining = context.time_remaining()
+    if remaining is None or remaining > DEFAULT_RPC_BUDGET_S:
+        return DEFAULT_RPC_BUDGET_S
+    return max(0.0, remaining - DEADLINE_MARGIN_S)
+
+
 async def answer(context: grpc.aio.ServicerContext[Any, Any], call: Callable[[], Awaitable[T]]) -> T:
-    """Run ``call`` for a servicer method; an ``RpcError`` aborts the RPC with its
-    rich status (code, message and details in the ``grpc-status-details-bin`` trailer)."""
+    """Run ``call`` for a servicer method within the client's deadline; an
+    ``RpcError`` aborts the RPC with its rich status (code, message and details
+    in the ``grpc-status-details-bin`` trailer).
+
+    Work that would outlive the deadline (a database that stopped answering)
+    is cancelled and answered UNAVAILABLE with ``RetryInfo`` just before the
+    deadline: the request either committed or did not, so a retry with the
+    same request_id is safe.
+    """
     try:
-        return await call()
+        try:
+            async with asyncio.timeout(rpc_budget_s(context)):
+                return await call()
+        except TimeoutError:
+            log.warning("rpc ran out of time")
+            raise RpcError(
+                unavailable(
+                    "the request ran out of time; retry with the same request_id", DATABASE_RETRY_AFTER_MS
+                )
+            ) from None
     except RpcError as exc:
         status = rpc_status.to_status(exc.status)
         await context.abort(status.code, status.details, status.trailing_metadata)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from dataclasses import dataclass
 
 import asyncpg
@@ -28,6 +29,8 @@ log = structlog.get_logger(__name__)
 
 NOTIFICATION_SERVICE_NAME = notify_pb2.DESCRIPTOR.services_by_name["NotificationService"].full_name
 ADMIN_SERVICE_NAME = tenants_pb2.DESCRIPTOR.services_by_name["TenantAdminService"].full_name
+#: How often the health watcher probes PostgreSQL (seconds).
+HEALTH_PROBE_INTERVAL_S = 1.0
 #: How long in-flight RPCs may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 10.0
 
@@ -42,6 +45,8 @@ class Gateway:
     port: int
     listener: TenantChangeListener
     listener_task: asyncio.Task[None]
+    health_task: asyncio.Task[None] | None = None
+    stopping: bool = False
 
     async def set_serving(self, serving: bool) -> None:
         """Flip the overall and the NotificationService health status."""
@@ -53,6 +58,11 @@ class Gateway:
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
         """Report NOT_SERVING, refuse new RPCs and let in-flight ones finish within ``grace_s``."""
+        self.stopping = True
+        if self.health_task is not None:
+            self.health_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.health_task
         await self.set_serving(False)
         await self.server.stop(grace_s)
         self.listener.stop()
@@ -104,7 +114,31 @@ async def start_gateway(
     await server.start()
     gateway = Gateway(server=server, health=health, port=port, listener=listener, listener_task=listener_task)
     await gateway.set_serving(True)
+    gateway.health_task = asyncio.create_task(watch_database(pool, gateway))
     return gateway
+
+
+async def watch_database(
+    pool: asyncpg.Pool, gateway: Gateway, interval_s: float = HEALTH_PROBE_INTERVAL_S
+) -> None:
+    """Probe PostgreSQL every ``interval_s`` s (``SELECT 1``, bounded by the same
+    time) and report NOT_SERVING while it cannot answer: the gateway cannot accept then."""
+    serving = True
+    while not gateway.stopping:
+        try:
+            async with asyncio.timeout(interval_s):
+                await pool.fetchval("SELECT 1")
+            healthy = True
+        except Exception as exc:  # any failure to answer means we cannot accept
+            healthy = False
+            if serving:
+                log.warning("database unreachable: health NOT_SERVING", error=type(exc).__name__)
+        if healthy != serving:
+            serving = healthy
+            if healthy:
+                log.info("database reachable again: health SERVING")
+            await gateway.set_serving(healthy)
+        await asyncio.sleep(interval_s)
 
 
 async def run_gateway(settings: Settings) -> None:
