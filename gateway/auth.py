@@ -17,7 +17,8 @@ from collections.abc import Iterable
 import asyncpg
 from cachetools import TTLCache
 
-from gateway.errors import RpcError, permission_denied, unauthenticated
+from gateway.errors import RpcError, permission_denied, rate_limited, unauthenticated
+from gateway.rate_limit import TenantRateLimiter
 from tenants.api_keys import parse_api_key
 from tenants.store import KeyLookup, lookup_api_key, touch_api_key
 
@@ -48,9 +49,25 @@ class Authenticator:
     def __init__(self, pool: asyncpg.Pool, ttl_s: float = AUTH_CACHE_TTL_S) -> None:
         self._pool = pool
         self._cache: TTLCache[bytes, KeyLookup] = TTLCache(maxsize=AUTH_CACHE_MAX_KEYS, ttl=ttl_s)
+        self._limiter = TenantRateLimiter()
+
+    async def admit(self, metadata: Iterable[tuple[str, str | bytes]] | None, cost: int) -> uuid.UUID:
+        """Authenticate, then charge ``cost`` notifications to the tenant's rate limit
+        (gateway/rate_limit.py); RESOURCE_EXHAUSTED with RetryInfo when over it."""
+        lookup = await self._lookup(metadata)
+        assert lookup.tenant_id is not None
+        wait_s = self._limiter.admit(lookup.tenant_id, lookup.requests_per_second, lookup.burst, cost)
+        if wait_s > 0:
+            raise RpcError(rate_limited(wait_s, lookup.requests_per_second))
+        return lookup.tenant_id
 
     async def tenant_id(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> uuid.UUID:
         """The authenticated tenant's id for this request's metadata."""
+        lookup = await self._lookup(metadata)
+        assert lookup.tenant_id is not None
+        return lookup.tenant_id
+
+    async def _lookup(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> KeyLookup:
         token = bearer_token(metadata)
         if token is None:
             raise RpcError(unauthenticated("missing metadata 'authorization: Bearer <api key>'"))
@@ -68,7 +85,7 @@ class Authenticator:
             raise RpcError(unauthenticated("unknown or revoked API key"))
         if lookup.tenant_disabled:
             raise RpcError(permission_denied("this tenant is disabled", "TENANT_DISABLED"))
-        return lookup.tenant_id
+        return lookup
 
     def invalidate_tenant(self, tenant_id: uuid.UUID) -> None:
         """Forget cached lookups of ``tenant_id``'s keys (and unknown keys, which may now exist)."""

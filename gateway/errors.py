@@ -121,3 +121,24 @@ def failed_precondition(reason: str, message: str) -> status_pb2.Status:
     return status_pb2.Status(
         code=code_pb2.FAILED_PRECONDITION, message=message, details=_pack(error_info(reason))
     )
+
+
+def rate_limited(retry_after_s: float, limit_per_s: int) -> status_pb2.Status:
+    """RESOURCE_EXHAUSTED for a tenant over its rate limit, with ``RetryInfo`` and ``QuotaFailure``."""
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(max(1, int(retry_after_s * 1000)) if retry_after_s != float("inf") else 3_600_000)
+    return status_pb2.Status(
+        code=code_pb2.RESOURCE_EXHAUSTED,
+        message=f"rate limit of {limit_per_s} notifications per second exceeded; retry after the delay",
+        details=_pack(
+            error_details_pb2.RetryInfo(retry_delay=delay),
+            error_details_pb2.QuotaFailure(
+                violations=[
+                    error_details_pb2.QuotaFailure.Violation(
+                        subject="tenant", description=f"{limit_per_s} notifications per second"
+                    )
+                ]
+            ),
+            error_info("RATE_LIMITED", {"limit_per_second": str(limit_per_s)}),
+        ),
+    )

@@ -26,6 +26,7 @@ import uuid
 import weakref
 from datetime import UTC, datetime, timedelta
 from typing import Any
+from urllib.parse import urlsplit
 
 import firebase_admin  # type: ignore[import-untyped]
 from firebase_admin import credentials
@@ -83,7 +84,34 @@ async def get_or_create_app(tenant_id: uuid.UUID, service_account: dict[str, Any
                 return existing
             await delete_app(existing)
         credential = await asyncio.to_thread(credentials.Certificate, service_account)
+        keep_off_google_when_not_google(credential, service_account)
         return firebase_admin.initialize_app(credential, name=name, options={"projectId": project_id})
+
+
+#: A Regional Access Boundary that never needs a refresh (see below).
+_NO_LOOKUP_BOUNDARY = {"encodedLocations": "0x0", "expiry": datetime(9999, 1, 1)}
+
+
+def keep_off_google_when_not_google(
+    credential: credentials.Certificate, service_account: dict[str, Any]
+) -> None:
+    """Stop google-auth from calling Google for a service account that is not Google's.
+
+    google-auth (>= 2.4x) starts a background Regional Access Boundary lookup at
+    ``iamcredentials.googleapis.com`` after a token refresh. For a service
+    account whose ``token_uri`` is not a Google host (the loopback fakes of the
+    tests and the dev stack) that would be traffic to the internet; we preset a
+    boundary that never expires, through the hook google-auth keeps for the
+    gcloud CLI (``Credentials._set_regional_access_boundary``). Real Google
+    service accounts keep the library's behaviour.
+    """
+    host = urlsplit(str(service_account.get("token_uri", ""))).hostname or ""
+    if host == "googleapis.com" or host.endswith(".googleapis.com"):
+        return
+    google_credential = credential.get_credential()
+    setter = getattr(google_credential, "_set_regional_access_boundary", None)
+    if setter is not None:
+        setter(_NO_LOOKUP_BOUNDARY)
 
 
 async def delete_app(app: firebase_admin.App) -> None:

@@ -93,6 +93,8 @@ class KeyLookup:
     tenant_id: uuid.UUID | None
     tenant_disabled: bool = False
     key_id: str | None = None
+    requests_per_second: int = 0
+    burst: int = 0
 
 
 def _tenant(row: asyncpg.Record) -> Tenant:
@@ -280,7 +282,7 @@ async def revoke_api_key(conn: Connection, tenant_id: uuid.UUID, key_id: str) ->
 async def lookup_api_key(conn: Connection | asyncpg.Pool, presented: ParsedApiKey) -> KeyLookup:
     """Resolve a presented key to its tenant (constant-time secret comparison)."""
     row = await conn.fetchrow(
-        """SELECT k.tenant_id, k.secret_sha256, k.revoked_at, t.disabled_at
+        """SELECT k.tenant_id, k.secret_sha256, k.revoked_at, t.disabled_at, t.requests_per_second, t.burst
              FROM api_keys k JOIN tenants t ON t.id = k.tenant_id
             WHERE k.id = $1""",
         presented.key_id,
@@ -288,7 +290,11 @@ async def lookup_api_key(conn: Connection | asyncpg.Pool, presented: ParsedApiKe
     if row is None or not secret_matches(presented, row["secret_sha256"]) or row["revoked_at"] is not None:
         return KeyLookup(tenant_id=None)
     return KeyLookup(
-        tenant_id=row["tenant_id"], tenant_disabled=row["disabled_at"] is not None, key_id=presented.key_id
+        tenant_id=row["tenant_id"],
+        tenant_disabled=row["disabled_at"] is not None,
+        key_id=presented.key_id,
+        requests_per_second=row["requests_per_second"],
+        burst=row["burst"],
     )
 
 
