@@ -33,6 +33,7 @@ from google.protobuf import timestamp_pb2
 from channels.callbacks import enqueue_status_change
 from channels.catalog import CHANNEL_NAMES, dead_letter_topic, delivery_topic
 from channels.provider import DeliveryError, Provider, RetryableDeliveryError
+from gateway.status_stream import notify_delivery_status_changed
 from gateway.write_path import OUTBOX_NOTIFY_CHANNEL, build_delivery_event
 from switchboard.db.pool import Connection
 from switchboard.notify.v1 import events_pb2, notify_pb2
@@ -75,6 +76,7 @@ async def _status_changed(
     provider_message_id: str = "",
 ) -> None:
     """Queue the tenant's signed status callback (if it has one) in the same transaction."""
+    await notify_delivery_status_changed(tx, event.notification_id)  # WatchNotification (sent at commit)
     await enqueue_status_change(
         tx,
         tenant_id=event.tenant_id,

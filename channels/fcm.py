@@ -46,6 +46,10 @@ A token recorded invalid fails later sends to it at once, without calling FCM.
 Also note, from the SDK (firebase_admin/_retry.py, _http_client.py): it retries 500 and 503 up
 to 4 more times itself (0.5 s backoff factor, about 7 s in all, ignoring ``Retry-After``) before
 the error reaches us, and after a 401 it refreshes the token twice synchronously, on the loop.
+Building an app's messaging service (a requests session and an httpx client with three SSL
+contexts, 70-150 ms of CPU) happens once per app, in a worker thread. google-auth >= 2.62 also
+looks up the service account's Regional Access Boundary at iamcredentials.googleapis.com in a
+background thread after a token is first used (google/auth/_regional_access_boundary_utils.py).
 """
 
 from __future__ import annotations

@@ -153,7 +153,7 @@ class ChannelWorker:
 async def run_worker_process(settings: Settings, channels: list[str]) -> None:
     """Run one worker per channel in ``channels`` until SIGTERM/SIGINT."""
     from switchboard.db.pool import create_pool
-    from switchboard.signals import wait_for_shutdown_signal
+    from switchboard.signals import drain, wait_for_shutdown_signal
     from tenants.invalidation import TenantChangeListener
     from tenants.key_ring import load_verified_key_ring
 
@@ -170,7 +170,11 @@ async def run_worker_process(settings: Settings, channels: list[str]) -> None:
     listener.stop()
     for worker in workers:
         worker.stop()
-    await asyncio.gather(*tasks)
-    await providers.close()
-    await pool.close()
+
+    async def shut_down() -> None:
+        await asyncio.gather(*tasks)  # each worker finishes its batch and commits its offsets
+        await providers.close()
+        await pool.close()
+
+    await drain(shut_down(), settings.shutdown_grace_s)
     log.info("workers stopped", outcomes={w.channel: dict(w.outcomes) for w in workers})

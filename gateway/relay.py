@@ -237,7 +237,7 @@ def make_callback_dispatcher(pool: asyncpg.Pool, settings: Settings) -> Callback
 async def run_relay_process(settings: Settings) -> None:
     """Run one relay until SIGTERM/SIGINT; the current batch finishes first."""
     from switchboard.db.pool import create_pool
-    from switchboard.signals import wait_for_shutdown_signal
+    from switchboard.signals import drain, wait_for_shutdown_signal
 
     pool = await create_pool(settings)
     relay = OutboxRelay(pool, settings)
@@ -254,9 +254,13 @@ async def run_relay_process(settings: Settings) -> None:
     await wait_for_shutdown_signal()
     relay.stop()
     stop_callbacks.set()
-    await task
-    await callback_task
-    await dispatcher.aclose()
-    await callback_pool.close()
-    await pool.close()
+
+    async def shut_down() -> None:
+        await task  # the batch in flight is published and marked first
+        await callback_task
+        await dispatcher.aclose()
+        await callback_pool.close()
+        await pool.close()
+
+    await drain(shut_down(), settings.shutdown_grace_s)
     log.info("relay stopped", published=relay.published)

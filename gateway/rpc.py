@@ -20,7 +20,17 @@ T = TypeVar("T")
 #: How long a client should wait before retrying when PostgreSQL is unreachable.
 DATABASE_RETRY_AFTER_MS = 1_000
 
-_DATABASE_ERRORS = (asyncpg.PostgresConnectionError, asyncpg.InterfaceError, OSError, TimeoutError)
+_DATABASE_ERRORS = (
+    asyncpg.PostgresConnectionError,
+    asyncpg.InterfaceError,
+    OSError,
+    TimeoutError,
+    # SQLSTATE 57P01-57P03: the server is shutting down, crashed, or is still
+    # starting up / recovering (seen right after a PostgreSQL restart).
+    asyncpg.AdminShutdownError,
+    asyncpg.CrashShutdownError,
+    asyncpg.CannotConnectNowError,
+)
 
 
 @asynccontextmanager

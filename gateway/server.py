@@ -15,11 +15,12 @@ from grpc_reflection.v1alpha import reflection
 
 from gateway.admin_service import TenantAdminService
 from gateway.auth import Authenticator
+from gateway.drain import DrainInterceptor
 from gateway.service import NotificationService
 from switchboard.db.pool import create_pool
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
-from switchboard.signals import wait_for_shutdown_signal
+from switchboard.signals import drain, wait_for_shutdown_signal
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tenants.invalidation import TenantChangeListener
 from tenants.key_ring import load_verified_key_ring
@@ -31,6 +32,8 @@ NOTIFICATION_SERVICE_NAME = notify_pb2.DESCRIPTOR.services_by_name["Notification
 ADMIN_SERVICE_NAME = tenants_pb2.DESCRIPTOR.services_by_name["TenantAdminService"].full_name
 #: How often the health watcher probes PostgreSQL (seconds).
 HEALTH_PROBE_INTERVAL_S = 1.0
+#: After the drain, late calls are still refused UNAVAILABLE this long before the port closes (seconds).
+DRAIN_LINGER_S = 0.5
 #: How long in-flight RPCs may take to finish after SIGTERM.
 SHUTDOWN_GRACE_S = 10.0
 
@@ -45,6 +48,7 @@ class Gateway:
     port: int
     listener: TenantChangeListener
     listener_task: asyncio.Task[None]
+    drain: DrainInterceptor | None = None
     health_task: asyncio.Task[None] | None = None
     stopping: bool = False
 
@@ -64,7 +68,14 @@ class Gateway:
             with contextlib.suppress(asyncio.CancelledError):
                 await self.health_task
         await self.set_serving(False)
-        await self.server.stop(grace_s)
+        if self.drain is not None:
+            # New calls get UNAVAILABLE; in-flight ones finish (gRPC's own grace would CANCEL them).
+            self.drain.start_draining()
+            await self.drain.wait_idle(grace_s)
+            # Keep answering late arrivals UNAVAILABLE a moment, so clients and load
+            # balancers see health NOT_SERVING / GOAWAY before the port closes.
+            await asyncio.sleep(min(grace_s, DRAIN_LINGER_S))
+        await self.server.stop(min(grace_s, 1.0))
         self.listener.stop()
         await self.listener_task
 
@@ -78,7 +89,8 @@ async def start_gateway(
     and reflection. Port 0 picks a free port; the bound one is in
     ``Gateway.port``. Raises ``RuntimeError`` if the address cannot be bound.
     """
-    server = grpc.aio.server()
+    drain = DrainInterceptor()
+    server = grpc.aio.server(interceptors=[drain])
     authenticator = Authenticator(pool)
     notify_pb2_grpc.add_NotificationServiceServicer_to_server(
         NotificationService(
@@ -112,7 +124,9 @@ async def start_gateway(
     )
     listener_task = asyncio.create_task(listener.run())
     await server.start()
-    gateway = Gateway(server=server, health=health, port=port, listener=listener, listener_task=listener_task)
+    gateway = Gateway(
+        server=server, health=health, port=port, listener=listener, listener_task=listener_task, drain=drain
+    )
     await gateway.set_serving(True)
     gateway.health_task = asyncio.create_task(watch_database(pool, gateway))
     return gateway
@@ -148,7 +162,11 @@ async def run_gateway(settings: Settings) -> None:
     gateway = await start_gateway(pool, settings, key_ring)
     log.info("gateway serving", address=settings.grpc_addr, port=gateway.port)
     await wait_for_shutdown_signal()
-    log.info("gateway draining")
-    await gateway.stop()
-    await pool.close()
+    log.info("gateway draining", grace_s=settings.shutdown_grace_s)
+
+    async def shut_down() -> None:
+        await gateway.stop(grace_s=settings.shutdown_grace_s * 0.8)
+        await pool.close()
+
+    await drain(shut_down(), settings.shutdown_grace_s)
     log.info("gateway stopped")

@@ -43,11 +43,21 @@ METADATA_KEY_MAX_CHARS = 64
 METADATA_VALUE_MAX_CHARS = 512
 #: The largest SendNotificationBatch.
 BATCH_MAX_ITEMS = 500
+#: An error must fit in gRPC's default 8 KiB of trailing metadata (grpc-status-details-bin, plus
+#: grpc-message listing the fields, percent-encoded), or the client gets RESOURCE_EXHAUSTED instead.
+#: Violations echo map keys and library messages, and a request can have thousands of bad entries,
+#: so map keys are cut in paths, descriptions are cut, and the violations of one request stop at a
+#: byte budget (UTF-8 of paths and descriptions); a last violation says how many were left out.
+VIOLATION_KEY_MAX_CHARS = 32
+VIOLATION_DESCRIPTION_MAX_CHARS = 200
+VIOLATIONS_MAX_BYTES = 1536
+VIOLATIONS_CAPPED_DESCRIPTION = "further violations not listed"
 
-_REQUEST_ID_RE = re.compile(r"^[\x21-\x7e]{1,128}$")
-_E164_RE = re.compile(r"^\+[1-9][0-9]{1,14}$")
-_FCM_TOKEN_RE = re.compile(r"^[A-Za-z0-9_:.\-]+$")
-_METADATA_KEY_RE = re.compile(r"^[A-Za-z0-9_.\-/]+$")
+# Patterns are used with fullmatch: with match, `$` also accepts a trailing newline.
+_REQUEST_ID_RE = re.compile(r"[\x21-\x7e]{1,128}")
+_E164_RE = re.compile(r"\+[1-9][0-9]{1,14}")
+_FCM_TOKEN_RE = re.compile(r"[A-Za-z0-9_:.\-]+")
+_METADATA_KEY_RE = re.compile(r"[A-Za-z0-9_.\-/]+")
 #: Keys FCM reserves in the data payload (FCM HTTP v1 reference, Message.data).
 _FCM_RESERVED_KEYS = frozenset({"from", "message_type", "notification"})
 _FCM_RESERVED_PREFIXES = ("google.", "gcm.")
@@ -82,11 +92,39 @@ def _utf8_len(text: str) -> int:
     return len(text.encode("utf-8", errors="surrogatepass"))
 
 
+def _cut(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[:limit] + "\u2026"
+
+
+def _key_path(field: str, key: str) -> str:
+    """``field["key"]``, the key cut to ``VIOLATION_KEY_MAX_CHARS`` (an ellipsis marks a cut)."""
+    return f'{field}["{_cut(key, VIOLATION_KEY_MAX_CHARS)}"]'
+
+
+def _capped(violations: list[FieldViolation]) -> list[FieldViolation]:
+    """``violations`` within ``VIOLATIONS_MAX_BYTES``, descriptions cut; the first is always kept."""
+    kept: list[FieldViolation] = []
+    used = 0
+    for index, violation in enumerate(violations):
+        description = _cut(violation.description, VIOLATION_DESCRIPTION_MAX_CHARS)
+        used += _utf8_len(violation.field) + _utf8_len(description)
+        if kept and used > VIOLATIONS_MAX_BYTES:
+            left = len(violations) - index
+            kept.append(
+                _violation(
+                    violation.field, f"{VIOLATIONS_CAPPED_DESCRIPTION}: {left}, the first on this field"
+                )
+            )
+            break
+        kept.append(_violation(violation.field, description))
+    return kept
+
+
 def validate_request_id(request_id: str, field: str = "request_id") -> list[FieldViolation]:
     """Check an AIP-155 request id: 1-128 printable ASCII characters."""
     if not request_id:
         return [_violation(field, "required: an idempotency key (AIP-155), e.g. a UUID")]
-    if not _REQUEST_ID_RE.match(request_id):
+    if not _REQUEST_ID_RE.fullmatch(request_id):
         return [
             _violation(field, f"must be 1-{REQUEST_ID_MAX_CHARS} printable ASCII characters without spaces")
         ]
@@ -111,7 +149,7 @@ def normalize_e164(number: str) -> str:
     E.164 (ITU-T): ``+`` then country code and subscriber number, at most 15
     digits, no spaces or punctuation; validity per ``phonenumbers``.
     """
-    if not _E164_RE.match(number):
+    if not _E164_RE.fullmatch(number):
         raise ValueError("must be in E.164 form: '+' then 2-15 digits, e.g. +14155550123")
     try:
         parsed = phonenumbers.parse(number, None)
@@ -213,7 +251,7 @@ def _validate_push(
     token = request.recipient.fcm_token
     if not token:
         violations.append(_violation("recipient.fcm_token", "required for the PUSH channel"))
-    elif len(token) > FCM_TOKEN_MAX_CHARS or not _FCM_TOKEN_RE.match(token):
+    elif len(token) > FCM_TOKEN_MAX_CHARS or not _FCM_TOKEN_RE.fullmatch(token):
         violations.append(
             _violation(
                 "recipient.fcm_token",
@@ -237,9 +275,9 @@ def _validate_push(
     for key in sorted(push.data):
         total += _utf8_len(key) + _utf8_len(push.data[key])
         if not key or key in _FCM_RESERVED_KEYS or key.startswith(_FCM_RESERVED_PREFIXES):
-            violations.append(_violation(f'push.data["{key}"]', "empty or reserved by FCM"))
+            violations.append(_violation(_key_path("push.data", key), "empty or reserved by FCM"))
         elif "\x00" in key or "\x00" in push.data[key]:
-            violations.append(_violation(f'push.data["{key}"]', "must not contain NUL characters"))
+            violations.append(_violation(_key_path("push.data", key), "must not contain NUL characters"))
     if total > PUSH_DATA_MAX_BYTES:
         violations.append(
             _violation("push.data", f"keys and values together at most {PUSH_DATA_MAX_BYTES} bytes")
@@ -253,18 +291,20 @@ def _validate_metadata(metadata: Mapping[str, str]) -> list[FieldViolation]:
     if len(items) > METADATA_MAX_ENTRIES:
         violations.append(_violation("metadata", f"at most {METADATA_MAX_ENTRIES} entries"))
     for key, value in items:
-        if not key or len(key) > METADATA_KEY_MAX_CHARS or not _METADATA_KEY_RE.match(key):
+        if not key or len(key) > METADATA_KEY_MAX_CHARS or not _METADATA_KEY_RE.fullmatch(key):
             violations.append(
                 _violation(
-                    f'metadata["{key}"]', f"keys are 1-{METADATA_KEY_MAX_CHARS} of A-Z a-z 0-9 _ . - /"
+                    _key_path("metadata", key), f"keys are 1-{METADATA_KEY_MAX_CHARS} of A-Z a-z 0-9 _ . - /"
                 )
             )
         elif len(value) > METADATA_VALUE_MAX_CHARS:
             violations.append(
-                _violation(f'metadata["{key}"]', f"values are at most {METADATA_VALUE_MAX_CHARS} characters")
+                _violation(
+                    _key_path("metadata", key), f"values are at most {METADATA_VALUE_MAX_CHARS} characters"
+                )
             )
         elif "\x00" in value:
-            violations.append(_violation(f'metadata["{key}"]', "must not contain NUL characters"))
+            violations.append(_violation(_key_path("metadata", key), "must not contain NUL characters"))
     return violations
 
 
@@ -286,7 +326,7 @@ def validate_send_request(request: notify_pb2.SendNotificationRequest) -> Notifi
         violations += _CHANNEL_RULES[channel](request, recipients)
     violations += _validate_metadata(request.metadata)
     if violations:
-        raise RequestInvalid(violations)
+        raise RequestInvalid(_capped(violations))
     return NotificationPlan(channels=channels, recipients=recipients, fallback=fallback)
 
 

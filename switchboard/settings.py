@@ -118,6 +118,13 @@ class Settings(BaseSettings):
     dev_twilio_port: int = Field(default=18081, ge=1, le=65535, description="the dev stack's fake Twilio")
     dev_fcm_port: int = Field(default=18082, ge=1, le=65535, description="the dev stack's fake FCM + OAuth2")
 
+    # Shutdown.
+    shutdown_grace_s: float = Field(
+        default=10.0,
+        gt=0,
+        description="drain deadline after SIGTERM; a second signal or the deadline forces exit",
+    )
+
     # Logging.
     log_level: str = Field(default="info")
     log_json: bool = Field(default=False, description="JSON log lines instead of console")

@@ -1,19 +1,48 @@
-"""Shutdown signals for long-running asyncio processes."""
+"""Shutdown signals and the drain deadline for long-running asyncio processes.
+
+Graceful shutdown, the same in every process: the first SIGTERM/SIGINT starts
+the drain (stop taking new work, finish what is in flight, flush, commit); the
+drain must finish within ``shutdown_grace_s`` (a setting); a second signal or
+the deadline ends the process at once with exit code 1 — nothing is lost by
+that, because everything acknowledged is already in PostgreSQL and uncommitted
+Kafka offsets are simply consumed again.
+"""
 
 from __future__ import annotations
 
 import asyncio
+import os
 import signal
+from collections.abc import Awaitable
+
+import structlog
+
+log = structlog.get_logger(__name__)
+
+#: Exit code when the drain is cut short (second signal or deadline).
+FORCED_EXIT_CODE = 1
+
+
+def _force_exit(reason: str) -> None:
+    log.error("shutdown forced", reason=reason)
+    os._exit(FORCED_EXIT_CODE)
 
 
 async def wait_for_shutdown_signal() -> None:
-    """Return on the first SIGTERM or SIGINT received by this process."""
+    """Return on the first SIGTERM or SIGINT; from then on a second one forces exit."""
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, _force_exit, "second signal during the drain")
+
+
+async def drain(work: Awaitable[None], deadline_s: float) -> None:
+    """Await the drain ``work``; past ``deadline_s`` seconds, exit the process at once."""
     try:
-        await stop.wait()
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            loop.remove_signal_handler(sig)
+        async with asyncio.timeout(deadline_s):
+            await work
+    except TimeoutError:
+        _force_exit(f"drain took longer than {deadline_s} s")

@@ -264,7 +264,8 @@ async def test_the_first_send_stays_off_the_event_loop(fake: FakeFcm, provider: 
         f"longest event-loop gap {max(gaps) * 1000:.1f} ms"
     )
     assert elapsed >= 0.5
-    assert max(gaps) < 0.15, f"the loop stalled for {max(gaps) * 1000:.0f} ms"
+    # Well under the 500 ms an on-loop refresh would stall it, with room for a loaded CI machine.
+    assert max(gaps) < 0.4, f"the loop stalled for {max(gaps) * 1000:.0f} ms"
 
 
 # -- the error table -------------------------------------------------------------------

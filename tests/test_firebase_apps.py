@@ -291,7 +291,7 @@ async def test_token_refresh_off_the_loop_does_not_stall_it(
     claims = token_endpoint.grants[-1]
     assert claims["iss"] == service_account["client_email"]
     assert "https://www.googleapis.com/auth/firebase" in claims["scope"]
-    assert gap_to_thread < TOKEN_DELAY_S / 3
+    assert gap_to_thread < TOKEN_DELAY_S * 0.8  # room for a loaded machine; on the loop it is >= 1x
     assert gap_on_loop >= TOKEN_DELAY_S
 
 

@@ -26,11 +26,21 @@ if TYPE_CHECKING:
 
 IsolationCase = Callable[["Stub", str, tuple[tuple[str, str], ...]], Awaitable[Any]]
 
+
+async def _watch_first_message(stub: Stub, nid: str, md: tuple[tuple[str, str], ...]) -> Any:
+    """WatchNotification is a stream: its status surfaces when the first message is read."""
+    call = stub.WatchNotification(
+        notify_pb2.WatchNotificationRequest(notification_id=nid), metadata=md, timeout=10
+    )
+    return await call.read()
+
+
 #: RPC -> a call of it on notification ``nid`` with the given metadata.
 ISOLATION_CASES: dict[str, IsolationCase] = {
     "GetNotification": lambda stub, nid, md: stub.GetNotification(
         notify_pb2.GetNotificationRequest(notification_id=nid), metadata=md
     ),
+    "WatchNotification": _watch_first_message,
 }
 
 

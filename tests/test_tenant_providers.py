@@ -185,6 +185,7 @@ def gateway_env(settings: Settings, **extra: str) -> dict[str, str]:
         SWITCHBOARD_DATABASE_URL=settings.require_database_url(),
         SWITCHBOARD_KAFKA_BOOTSTRAP=settings.require_kafka_bootstrap(),
         SWITCHBOARD_KAFKA_TOPIC_PREFIX=settings.kafka_topic_prefix,
+        SWITCHBOARD_KAFKA_IDEMPOTENCE="false",
         SWITCHBOARD_ADMIN_TOKEN=ADMIN_TOKEN,
         SWITCHBOARD_GRPC_ADDR=f"127.0.0.1:{free_port()}",
         SWITCHBOARD_MASTER_KEY=settings.master_key.get_secret_value() if settings.master_key else "",

@@ -55,6 +55,16 @@ class NotificationServiceStub:
                 request_serializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.GetNotificationRequest.SerializeToString,
                 response_deserializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.GetNotificationResponse.FromString,
                 _registered_method=True)
+        self.ListNotifications = channel.unary_unary(
+                '/switchboard.notify.v1.NotificationService/ListNotifications',
+                request_serializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.ListNotificationsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.ListNotificationsResponse.FromString,
+                _registered_method=True)
+        self.WatchNotification = channel.unary_stream(
+                '/switchboard.notify.v1.NotificationService/WatchNotification',
+                request_serializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.WatchNotificationRequest.SerializeToString,
+                response_deserializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.WatchNotificationResponse.FromString,
+                _registered_method=True)
 
 
 class NotificationServiceServicer:
@@ -87,6 +97,24 @@ class NotificationServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListNotifications(self, request, context):
+        """Lists the caller's notifications, newest first, one page at a time
+        (AIP-132, AIP-158), optionally filtered by status, channel and creation time.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WatchNotification(self, request, context):
+        """Streams one notification: its current state at once, then its new state
+        after every change of one of its deliveries. The stream ends (OK) after
+        the message showing a final status (DELIVERED, PARTIALLY_DELIVERED or
+        FAILED); set a deadline to stop watching earlier.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NotificationServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -104,6 +132,16 @@ def add_NotificationServiceServicer_to_server(servicer, server):
                     servicer.GetNotification,
                     request_deserializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.GetNotificationRequest.FromString,
                     response_serializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.GetNotificationResponse.SerializeToString,
+            ),
+            'ListNotifications': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListNotifications,
+                    request_deserializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.ListNotificationsRequest.FromString,
+                    response_serializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.ListNotificationsResponse.SerializeToString,
+            ),
+            'WatchNotification': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchNotification,
+                    request_deserializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.WatchNotificationRequest.FromString,
+                    response_serializer=switchboard_dot_notify_dot_v1_dot_notify__pb2.WatchNotificationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -193,6 +231,60 @@ class NotificationService:
             '/switchboard.notify.v1.NotificationService/GetNotification',
             switchboard_dot_notify_dot_v1_dot_notify__pb2.GetNotificationRequest.SerializeToString,
             switchboard_dot_notify_dot_v1_dot_notify__pb2.GetNotificationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListNotifications(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.notify.v1.NotificationService/ListNotifications',
+            switchboard_dot_notify_dot_v1_dot_notify__pb2.ListNotificationsRequest.SerializeToString,
+            switchboard_dot_notify_dot_v1_dot_notify__pb2.ListNotificationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchNotification(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/switchboard.notify.v1.NotificationService/WatchNotification',
+            switchboard_dot_notify_dot_v1_dot_notify__pb2.WatchNotificationRequest.SerializeToString,
+            switchboard_dot_notify_dot_v1_dot_notify__pb2.WatchNotificationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -45,6 +45,16 @@ class NotificationServiceStub:
     """Accepts up to 500 notifications; each item is accepted or rejected on its own."""
     GetNotification: _grpc.UnaryUnaryMultiCallable[_notify_pb2.GetNotificationRequest, _notify_pb2.GetNotificationResponse]
     """Returns a notification with the status, attempts and last error of each delivery."""
+    ListNotifications: _grpc.UnaryUnaryMultiCallable[_notify_pb2.ListNotificationsRequest, _notify_pb2.ListNotificationsResponse]
+    """Lists the caller's notifications, newest first, one page at a time
+    (AIP-132, AIP-158), optionally filtered by status, channel and creation time.
+    """
+    WatchNotification: _grpc.UnaryStreamMultiCallable[_notify_pb2.WatchNotificationRequest, _notify_pb2.WatchNotificationResponse]
+    """Streams one notification: its current state at once, then its new state
+    after every change of one of its deliveries. The stream ends (OK) after
+    the message showing a final status (DELIVERED, PARTIALLY_DELIVERED or
+    FAILED); set a deadline to stop watching earlier.
+    """
 
 @_typing.type_check_only
 class NotificationServiceAsyncStub(NotificationServiceStub):
@@ -63,6 +73,16 @@ class NotificationServiceAsyncStub(NotificationServiceStub):
     """Accepts up to 500 notifications; each item is accepted or rejected on its own."""
     GetNotification: _aio.UnaryUnaryMultiCallable[_notify_pb2.GetNotificationRequest, _notify_pb2.GetNotificationResponse]  # type: ignore[assignment]
     """Returns a notification with the status, attempts and last error of each delivery."""
+    ListNotifications: _aio.UnaryUnaryMultiCallable[_notify_pb2.ListNotificationsRequest, _notify_pb2.ListNotificationsResponse]  # type: ignore[assignment]
+    """Lists the caller's notifications, newest first, one page at a time
+    (AIP-132, AIP-158), optionally filtered by status, channel and creation time.
+    """
+    WatchNotification: _aio.UnaryStreamMultiCallable[_notify_pb2.WatchNotificationRequest, _notify_pb2.WatchNotificationResponse]  # type: ignore[assignment]
+    """Streams one notification: its current state at once, then its new state
+    after every change of one of its deliveries. The stream ends (OK) after
+    the message showing a final status (DELIVERED, PARTIALLY_DELIVERED or
+    FAILED); set a deadline to stop watching earlier.
+    """
 
 class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
     """NotificationService is the front door for notifications. Every mutating
@@ -96,5 +116,27 @@ class NotificationServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_notify_pb2.GetNotificationResponse, _abc.Awaitable[_notify_pb2.GetNotificationResponse]]:
         """Returns a notification with the status, attempts and last error of each delivery."""
+
+    @_abc_1.abstractmethod
+    def ListNotifications(
+        self,
+        request: _notify_pb2.ListNotificationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_notify_pb2.ListNotificationsResponse, _abc.Awaitable[_notify_pb2.ListNotificationsResponse]]:
+        """Lists the caller's notifications, newest first, one page at a time
+        (AIP-132, AIP-158), optionally filtered by status, channel and creation time.
+        """
+
+    @_abc_1.abstractmethod
+    def WatchNotification(
+        self,
+        request: _notify_pb2.WatchNotificationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_notify_pb2.WatchNotificationResponse], _abc.AsyncIterator[_notify_pb2.WatchNotificationResponse]]:
+        """Streams one notification: its current state at once, then its new state
+        after every change of one of its deliveries. The stream ends (OK) after
+        the message showing a final status (DELIVERED, PARTIALLY_DELIVERED or
+        FAILED); set a deadline to stop watching earlier.
+        """
 
 def add_NotificationServiceServicer_to_server(servicer: NotificationServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
