@@ -20,6 +20,7 @@ from datetime import datetime
 import asyncpg
 
 from channels.catalog import delivery_topic
+from gateway.status_stream import notify_delivery_status_changed
 from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
 
 
@@ -104,16 +105,18 @@ async def replay_dead_letters(
                 letter.id,
             )
             if locked is not None:
-                event = await conn.fetchval(
+                replayed_row = await conn.fetchrow(
                     """UPDATE deliveries
                           SET status = 'queued', attempts_before_replay = attempts, replays = replays + 1,
                               next_attempt_at = NULL, last_enqueued_at = now(), updated_at = now()
                         WHERE id = $1 AND status = 'failed'
-                    RETURNING event""",
+                    RETURNING event, notification_id""",
                     letter.delivery_id,
                 )
                 await conn.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = $1", letter.id)
-                if event is not None:
+                if replayed_row is not None:
+                    event = replayed_row["event"]
+                    await notify_delivery_status_changed(conn, replayed_row["notification_id"])
                     await conn.execute(
                         "INSERT INTO outbox (topic, key, payload, delivery_id) VALUES ($1, $2, $3, $4)",
                         delivery_topic(letter.channel, topic_prefix),

@@ -30,6 +30,9 @@ _DATABASE_ERRORS = (
     asyncpg.AdminShutdownError,
     asyncpg.CrashShutdownError,
     asyncpg.CannotConnectNowError,
+    # A pooled connection left mid-operation when the server died under it
+    # ("cannot switch to state ...; another operation is in progress").
+    asyncpg.InternalClientError,
 )
 
 

@@ -16,9 +16,10 @@ from grpc_reflection.v1alpha import reflection
 from gateway.admin_service import TenantAdminService
 from gateway.auth import Authenticator
 from gateway.drain import DrainInterceptor
-from gateway.service import NotificationService
+from gateway.service import NotificationService, add_notification_service_to_server
+from gateway.status_stream import close_status_hubs
 from switchboard.db.pool import create_pool
-from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
+from switchboard.notify.v1 import notify_pb2
 from switchboard.settings import Settings
 from switchboard.signals import drain, wait_for_shutdown_signal
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
@@ -71,6 +72,7 @@ class Gateway:
         if self.drain is not None:
             # New calls get UNAVAILABLE; in-flight ones finish (gRPC's own grace would CANCEL them).
             self.drain.start_draining()
+            await close_status_hubs()  # open Watch streams end UNAVAILABLE: clients re-watch elsewhere
             await self.drain.wait_idle(grace_s)
             # Keep answering late arrivals UNAVAILABLE a moment, so clients and load
             # balancers see health NOT_SERVING / GOAWAY before the port closes.
@@ -92,7 +94,7 @@ async def start_gateway(
     drain = DrainInterceptor()
     server = grpc.aio.server(interceptors=[drain])
     authenticator = Authenticator(pool)
-    notify_pb2_grpc.add_NotificationServiceServicer_to_server(
+    add_notification_service_to_server(
         NotificationService(
             pool,
             authenticator,

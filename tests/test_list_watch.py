@@ -24,6 +24,7 @@ from gateway.status_stream import (
     notify_delivery_status_changed,
     status_hub_for,
 )
+from switchboard.db.pool import Connection
 from switchboard.notify.v1 import events_pb2, notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
 from tests.conftest import TenantCredentials
@@ -151,7 +152,7 @@ async def test_only_the_callers_notifications_are_listed(
 
 
 async def insert_notification(
-    conn: asyncpg.Connection | Any,
+    conn: Connection,
     tenant_id: uuid.UUID,
     statuses: Iterable[str],
     *,
@@ -503,7 +504,7 @@ async def test_watch_of_a_fallback_chain_lasts_until_the_chain_is_final(
 
 
 async def insert_chain_delivery(
-    conn: Any, tenant_id: uuid.UUID, notification_id: str, channel: str, position: int
+    conn: Connection, tenant_id: uuid.UUID, notification_id: str, channel: str, position: int
 ) -> None:
     await conn.execute(
         """INSERT INTO deliveries (id, notification_id, tenant_id, channel, recipient, event, chain_position)
