@@ -105,6 +105,11 @@ class Driver:
         self._reader = asyncio.create_task(self._read())
         return await self.wait_for("ready", timeout_s)
 
+    @property
+    def pid(self) -> int | None:
+        """The driver's pid (also its session id) once started."""
+        return self._process.pid if self._process is not None else None
+
     async def _read(self) -> None:
         assert self._process is not None
         assert self._process.stdout is not None
