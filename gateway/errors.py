@@ -96,6 +96,21 @@ def idempotency_key_reused(request_id: str) -> status_pb2.Status:
     )
 
 
+def key_in_flux(request_id: str, retry_after_ms: int = 100) -> status_pb2.Status:
+    """ABORTED with ``RetryInfo``: the request_id changed hands while we read it (it
+    expired and was reaped between our write and our read); retrying is safe."""
+    delay = duration_pb2.Duration()
+    delay.FromMilliseconds(retry_after_ms)
+    return status_pb2.Status(
+        code=code_pb2.ABORTED,
+        message=f"request_id {request_id!r} was being reused concurrently; retry with the same request_id",
+        details=_pack(
+            error_details_pb2.RetryInfo(retry_delay=delay),
+            error_info("IDEMPOTENCY_KEY_IN_FLUX", {"request_id": request_id}),
+        ),
+    )
+
+
 def unavailable(message: str, retry_after_ms: int) -> status_pb2.Status:
     """UNAVAILABLE with ``RetryInfo`` (a dependency is down; retry with the same request_id)."""
     delay = duration_pb2.Duration()

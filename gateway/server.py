@@ -100,6 +100,7 @@ async def start_gateway(
             authenticator,
             topic_prefix=settings.kafka_topic_prefix,
             idempotency_retention_s=settings.idempotency_retention_s,
+            write_concurrency=settings.db_write_concurrency,
         ),
         server,
     )

@@ -21,7 +21,7 @@ from gateway.rpc import answer, database_errors_as_unavailable
 from gateway.status_queries import get_notification, list_notifications, parse_list_request
 from gateway.status_stream import status_hub_for, stream_answer, watch_notification
 from gateway.validation import FieldViolation, RequestInvalid, validate_batch_size, validate_send_request
-from gateway.write_path import DEFAULT_IDEMPOTENCY_RETENTION_S, AcceptRequest, accept_notifications
+from gateway.write_path import DEFAULT_IDEMPOTENCY_RETENTION_S, AcceptRequest, GroupCommit
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -38,11 +38,16 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
         *,
         topic_prefix: str = "",
         idempotency_retention_s: float = DEFAULT_IDEMPOTENCY_RETENTION_S,
+        write_concurrency: int = 4,
     ) -> None:
         self._pool = pool
         self._auth = authenticator
         self._topic_prefix = topic_prefix
         self._retention_s = idempotency_retention_s
+        #: Accepts go through group commit (gateway.write_path.GroupCommit).
+        self.writes = GroupCommit(
+            pool, topic_prefix=topic_prefix, retention_s=idempotency_retention_s, writers=write_concurrency
+        )
 
     async def SendNotification(
         self, request: notify_pb2.SendNotificationRequest, context: grpc.aio.ServicerContext[Any, Any]
@@ -54,13 +59,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                     plan = validate_send_request(request)
                 except RequestInvalid as exc:
                     raise RpcError(invalid_argument(exc.violations)) from None
-                (outcome,) = await accept_notifications(
-                    self._pool,
-                    tenant_id,
-                    [AcceptRequest(request, plan)],
-                    topic_prefix=self._topic_prefix,
-                    retention_s=self._retention_s,
-                )
+                (outcome,) = await self.writes.accept(tenant_id, [AcceptRequest(request, plan)])
             if isinstance(outcome, notify_pb2.SendNotificationResponse):
                 return outcome
             raise RpcError(outcome)
@@ -86,13 +85,7 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                     except RequestInvalid as exc:
                         results[index].error.CopyFrom(invalid_argument(exc.violations))
                 if valid:
-                    outcomes = await accept_notifications(
-                        self._pool,
-                        tenant_id,
-                        [a for _, a in valid],
-                        topic_prefix=self._topic_prefix,
-                        retention_s=self._retention_s,
-                    )
+                    outcomes = await self.writes.accept(tenant_id, [a for _, a in valid])
                     for (index, _), outcome in zip(valid, outcomes, strict=True):
                         if isinstance(outcome, notify_pb2.SendNotificationResponse):
                             results[index].response.CopyFrom(outcome)

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.table import Table
 
 from switchboard.admin_cli import dlq_app, keys_app, providers_app, tenants_app
+from switchboard.ledger_cli import ledger_app
 from switchboard.logs import configure_logging
 from switchboard.settings import get_settings
 
@@ -23,6 +24,7 @@ app.add_typer(tenants_app, name="tenants")
 app.add_typer(keys_app, name="keys")
 app.add_typer(providers_app, name="providers")
 app.add_typer(dlq_app, name="dlq")
+app.add_typer(ledger_app, name="ledger")
 console = Console()
 
 
@@ -51,12 +53,23 @@ def migrate() -> None:
 
 
 @app.command()
-def gateway() -> None:
-    """Run the gRPC gateway (SWITCHBOARD_GRPC_ADDR)."""
+def gateway(
+    processes: Annotated[
+        int | None,
+        typer.Option(min=1, max=64, help="processes sharing the port (SWITCHBOARD_GATEWAY_PROCESSES)"),
+    ] = None,
+) -> None:
+    """Run the gRPC gateway (SWITCHBOARD_GRPC_ADDR), in one or several processes."""
+    from gateway.processes import run_processes
     from gateway.server import run_gateway
 
     _setup()
-    _run(run_gateway(get_settings()))
+    settings = get_settings()
+    count = processes or settings.gateway_processes
+    if count == 1:
+        _run(run_gateway(settings))
+        return
+    raise typer.Exit(run_processes(count, lambda: _run(run_gateway(settings))))
 
 
 @app.command()

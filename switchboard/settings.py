@@ -29,6 +29,12 @@ class Settings(BaseSettings):
     )
     kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers, host:port[,...]")
     grpc_addr: str = Field(default="127.0.0.1:50051", description="gRPC listen address host:port")
+    gateway_processes: int = Field(
+        default=1,
+        ge=1,
+        le=64,
+        description="gateway processes sharing the gRPC port (SO_REUSEPORT), forked at start",
+    )
     data_dir: Path = Field(
         default=Path(".switchboard"), description="dev stack data (PostgreSQL, Maildir, sandbox)"
     )
@@ -56,6 +62,11 @@ class Settings(BaseSettings):
     db_pool_min_size: int = Field(default=2, ge=1)
     db_pool_max_size: int = Field(default=10, ge=1)
     db_command_timeout_s: float = Field(default=10.0, gt=0)
+    db_write_concurrency: int = Field(
+        default=4,
+        ge=1,
+        description="accept statements in flight per gateway process (group commit)",
+    )
 
     # Kafka.
     kafka_topic_prefix: str = Field(

@@ -74,6 +74,9 @@ KILLABLE = ("gateway", "relay", "worker-email", "worker-sms", "worker-push", "ka
 WORKERS = tuple(f"worker-{c}" for c in CHANNELS)
 
 #: Settings of the stack's processes: short deadlines so a run takes a few minutes.
+#: fsync off: a SIGKILLed server keeps everything the OS has (only an OS crash would
+#: lose committed data); room for the pools refilled after restarts.
+CHAOS_POSTGRES_OPTIONS = {"fsync": "off", "max_connections": "300"}
 STACK_SETTINGS = {
     "SWITCHBOARD_KAFKA_IDEMPOTENCE": "false",  # Tansu has no InitProducerId
     "SWITCHBOARD_KAFKA_REQUEST_TIMEOUT_MS": "2000",
@@ -417,7 +420,13 @@ class KafkaComponent(Component):
 class ChaosStack:
     """The whole pipeline as separate OS processes under ``root``; see the module docstring."""
 
-    def __init__(self, root: Path, fakes_spec: FakesSpec, fakes_spec_path: Path) -> None:
+    def __init__(
+        self,
+        root: Path,
+        fakes_spec: FakesSpec,
+        fakes_spec_path: Path,
+        postgres_options: dict[str, str] | None = None,
+    ) -> None:
         self.root = root
         self.log_dir = root / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
@@ -428,9 +437,7 @@ class ChaosStack:
             EmbeddedPostgres(
                 root / "postgres",
                 free_port(),
-                # fsync off: a SIGKILLed server keeps everything the OS has (only an OS crash
-                # would lose committed data); room for the pools refilled after restarts.
-                options={"fsync": "off", "max_connections": "300"},
+                options=CHAOS_POSTGRES_OPTIONS if postgres_options is None else postgres_options,
                 log_file=self.log_dir / "postgres.log",
             )
         )

@@ -291,6 +291,26 @@ async def test_batch_accepts_and_rejects_items_on_their_own(
     assert (await row_counts(pool))["notifications"] == 3
 
 
+async def test_batch_mixing_new_replayed_and_reused_keys_writes_only_the_new(
+    stub: Stub, tenant: TenantCredentials, pool: asyncpg.Pool
+) -> None:
+    earlier = send_request()
+    first = await stub.SendNotification(earlier, metadata=tenant.metadata)
+    new = send_request()
+    reused_in_batch = send_request(request_id=new.request_id, sms=notify_pb2.SmsContent(text="other"))
+    reused_earlier = send_request(request_id=earlier.request_id, sms=notify_pb2.SmsContent(text="other"))
+    reply = await stub.SendNotificationBatch(
+        notify_pb2.SendNotificationBatchRequest(requests=[earlier, new, reused_in_batch, reused_earlier]),
+        metadata=tenant.metadata,
+    )
+    assert reply.results[0].response == first
+    assert reply.results[1].response.status == notify_pb2.NOTIFICATION_STATUS_ACCEPTED
+    assert [error_reason(reply.results[i].error) for i in (2, 3)] == ["IDEMPOTENCY_KEY_REUSED"] * 2
+    counts = await row_counts(pool)
+    assert counts["notifications"] == 2
+    assert counts["deliveries"] == counts["outbox"] == 6  # send_request asks for all three channels
+
+
 @pytest.mark.parametrize("count", [0, 501])
 async def test_batch_size_limits(
     stub: Stub, tenant: TenantCredentials, pool: asyncpg.Pool, count: int

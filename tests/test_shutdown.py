@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
+import psutil
 import pytest
 
 from switchboard.embedded import wait_for_port
@@ -140,3 +141,44 @@ async def test_a_stuck_drain_is_cut_short(
                 process.wait()
     assert code == 1
     assert elapsed < 10
+
+
+async def test_gateway_processes_share_the_port_and_stop_together(
+    settings: Settings, tenant: TenantCredentials, pool: asyncpg.Pool
+) -> None:
+    env = gateway_env(settings, SWITCHBOARD_GATEWAY_PROCESSES="2")
+    process = start("gateway", env)
+    try:
+        host, _, port = env["SWITCHBOARD_GRPC_ADDR"].rpartition(":")
+        await asyncio.to_thread(wait_for_port, host, int(port), 30, process)
+        parent = psutil.Process(process.pid)
+
+        async def listening_children() -> set[int]:
+            # SO_REUSEPORT: each child has its own listening socket on the one port.
+            children = parent.children()
+            pids = {
+                c.pid
+                for c in children
+                for conn in c.net_connections("tcp")
+                if conn.status == psutil.CONN_LISTEN and conn.laddr.port == int(port)
+            }
+            return pids if len(children) == 2 and pids == {c.pid for c in children} else set()
+
+        await wait_for(listening_children, timeout_s=30)
+        children = parent.children()
+        # Separate connections land on either process; each accepts.
+        for _ in range(6):
+            async with grpc.aio.insecure_channel(
+                env["SWITCHBOARD_GRPC_ADDR"], options=[("grpc.use_local_subchannel_pool", 1)]
+            ) as channel:
+                stub = notify_pb2_grpc.NotificationServiceStub(channel)
+                reply = await stub.SendNotification(send_request(), metadata=tenant.metadata, timeout=20)
+                assert reply.status == notify_pb2.NOTIFICATION_STATUS_ACCEPTED
+        process.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(process.wait, 30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    assert code == 0
+    assert not [c for c in children if c.is_running() and c.status() != psutil.STATUS_ZOMBIE]
+    assert await pool.fetchval("SELECT count(*) FROM notifications") == 6
