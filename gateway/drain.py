@@ -27,6 +27,8 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         self.in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
+        #: Wrapped handlers by method name: built on a method's first call, reused after.
+        self._handlers: dict[str, Any] = {}
 
     def start_draining(self) -> None:
         """From now on, new calls are answered UNAVAILABLE."""
@@ -54,10 +56,19 @@ class DrainInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> Any:
-        handler = await continuation(handler_call_details)
         method = str(getattr(handler_call_details, "method", ""))
+        cached = self._handlers.get(method)
+        if cached is not None:
+            return cached
+        handler = await continuation(handler_call_details)
         if handler is None or method.startswith(_ALWAYS_SERVED):
             return handler
+        wrapped = self._wrap(handler)
+        self._handlers[method] = wrapped
+        return wrapped
+
+    def _wrap(self, handler: Any) -> Any:
+        """The counting/refusing version of ``handler`` (built once per method)."""
         if handler.unary_unary is not None:
             unary: Any = handler.unary_unary
 

@@ -30,29 +30,63 @@ from switchboard.settings import Settings
 log = structlog.get_logger(__name__)
 
 
-async def publish_batch(pool: asyncpg.Pool, producer: AIOKafkaProducer, batch_size: int) -> int:
+async def publish_batch(
+    pool: asyncpg.Pool,
+    producer: AIOKafkaProducer,
+    batch_size: int,
+    claim_lock: asyncio.Lock | None = None,
+) -> int:
     """Claim, publish and mark one batch of due outbox rows; return how many were published.
 
+    With ``claim_lock`` shared by several concurrent calls (:func:`publish_pipelined`),
+    claiming and handing the rows to the producer happen under the lock, so
+    rows enter the producer in outbox order; waiting for the broker's acks,
+    marking and committing overlap with the next batch's claim.
     Raises the producer's error (and rolls the claim back) if any send fails.
     """
     async with pool.acquire() as conn, conn.transaction():
-        rows = await conn.fetch(
-            """SELECT id, topic, key, payload FROM outbox
-                WHERE published_at IS NULL AND available_at <= now()
-                ORDER BY available_at, id
-                LIMIT $1
-                FOR UPDATE SKIP LOCKED""",
-            batch_size,
-        )
-        if not rows:
-            return 0
-        futures = [await producer.send(r["topic"], value=r["payload"], key=r["key"]) for r in rows]
+        async with claim_lock or contextlib.nullcontext():
+            rows = await conn.fetch(
+                """SELECT id, topic, key, payload FROM outbox
+                    WHERE published_at IS NULL AND available_at <= now()
+                    ORDER BY available_at, id
+                    LIMIT $1
+                    FOR UPDATE SKIP LOCKED""",
+                batch_size,
+            )
+            if not rows:
+                return 0
+            futures = [await producer.send(r["topic"], value=r["payload"], key=r["key"]) for r in rows]
         acks = await asyncio.gather(*futures)
         log.debug("acknowledged", first=str(acks[0].topic_partition), offset=acks[0].offset, count=len(acks))
         await conn.execute(
             "UPDATE outbox SET published_at = now() WHERE id = ANY($1::bigint[])", [r["id"] for r in rows]
         )
         return len(rows)
+
+
+async def publish_pipelined(
+    pool: asyncpg.Pool, producer: AIOKafkaProducer, batch_size: int, depth: int
+) -> int:
+    """Publish up to ``depth`` batches with their broker round trips and commits overlapped;
+    return how many rows were published.
+
+    Rows still reach the producer in outbox order (claims are serialized). If
+    an earlier batch fails after a later one was sent, the earlier rows are
+    published again later, after the later ones: the same reordering any
+    retry causes, and the idempotent consumer absorbs the duplicates.
+    Raises the first batch error after every batch has finished.
+    """
+    if depth <= 1:
+        return await publish_batch(pool, producer, batch_size)
+    lock = asyncio.Lock()
+    results = await asyncio.gather(
+        *(publish_batch(pool, producer, batch_size, lock) for _ in range(depth)), return_exceptions=True
+    )
+    for result in results:
+        if isinstance(result, BaseException):
+            raise result
+    return sum(r for r in results if isinstance(r, int))
 
 
 async def sweep_unfinished_deliveries(
@@ -190,7 +224,9 @@ class OutboxRelay:
             self._producer = make_producer(settings)
             await self._producer.start()
         self._wake.clear()
-        sent = await publish_batch(self._pool, self._producer, settings.relay_batch_size)
+        sent = await publish_pipelined(
+            self._pool, self._producer, settings.relay_batch_size, settings.relay_pipeline_depth
+        )
         self.published += sent
         return sent
 

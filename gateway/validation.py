@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from typing import TypeAlias
 
 import phonenumbers
+from cachetools import LRUCache
 from email_validator import EmailNotValidError, validate_email
 from google.rpc.error_details_pb2 import BadRequest
 
@@ -131,24 +132,56 @@ def validate_request_id(request_id: str, field: str = "request_id") -> list[Fiel
     return []
 
 
+#: Outcomes of recent address checks: normalized address, or the reason it is invalid.
+#: Notification traffic repeats recipients; a hit costs a dict lookup instead of
+#: ~100 us of email-validator (BENCHMARKS.md). Bounded: at most this many addresses.
+_EMAIL_CHECKS: LRUCache[str, tuple[bool, str]] = LRUCache(maxsize=10_000)
+
+
 def normalize_email_address(address: str) -> str:
     """Return the normalized address; raise ``ValueError`` with the reason.
 
     Syntax per RFC 5321/5322 as implemented by ``email-validator`` (no DNS
-    lookup: deliverability is the provider's business).
+    lookup: deliverability is the provider's business). Results, valid or not,
+    are remembered in a bounded LRU (the check is a pure function of the string).
     """
-    try:
-        return str(validate_email(address, check_deliverability=False).normalized)
-    except EmailNotValidError as exc:
-        raise ValueError(str(exc)) from None
+    known = _EMAIL_CHECKS.get(address)
+    if known is None:
+        try:
+            known = (True, str(validate_email(address, check_deliverability=False).normalized))
+        except EmailNotValidError as exc:
+            known = (False, str(exc))
+        _EMAIL_CHECKS[address] = known
+    valid, text = known
+    if not valid:
+        raise ValueError(text)
+    return text
+
+
+_E164_CHECKS: LRUCache[str, tuple[bool, str]] = LRUCache(maxsize=10_000)
 
 
 def normalize_e164(number: str) -> str:
     """Return ``number`` if it is a valid E.164 number; raise ``ValueError`` otherwise.
 
     E.164 (ITU-T): ``+`` then country code and subscriber number, at most 15
-    digits, no spaces or punctuation; validity per ``phonenumbers``.
+    digits, no spaces or punctuation; validity per ``phonenumbers``. Results
+    are remembered in a bounded LRU, as for email addresses.
     """
+    known = _E164_CHECKS.get(number)
+    if known is None:
+        try:
+            known = (True, _check_e164(number))
+        except ValueError as exc:
+            known = (False, str(exc))
+        _E164_CHECKS[number] = known
+    valid, text = known
+    if not valid:
+        raise ValueError(text)
+    return text
+
+
+def _check_e164(number: str) -> str:
     if not _E164_RE.fullmatch(number):
         raise ValueError("must be in E.164 form: '+' then 2-15 digits, e.g. +14155550123")
     try:

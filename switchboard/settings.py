@@ -87,6 +87,12 @@ class Settings(BaseSettings):
 
     # Outbox relay.
     relay_batch_size: int = Field(default=500, ge=1, le=10_000)
+    relay_pipeline_depth: int = Field(
+        default=2,
+        ge=1,
+        le=8,
+        description="outbox batches in flight (acks and commits overlap the next claim)",
+    )
     relay_poll_interval_ms: int = Field(default=200, ge=1, description="poll when no NOTIFY arrives")
     relay_error_backoff_ms: int = Field(default=500, ge=1)
     relay_sweep_interval_s: float = Field(default=10.0, gt=0, description="how often the sweeper runs")

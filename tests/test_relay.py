@@ -152,3 +152,43 @@ async def test_rows_written_while_the_broker_is_down_are_published_and_delivered
 
 async def _all_delivered(pool: asyncpg.Pool, delivery_ids: set[str]) -> bool:
     return await delivered_count(pool, delivery_ids) == len(delivery_ids)
+
+
+async def test_a_pipelined_relay_keeps_outbox_order_per_tenant(
+    pool: asyncpg.Pool, settings: Settings, tenant: TenantCredentials
+) -> None:
+    # Several batches in flight at once: claims are serialized, so each tenant's rows
+    # (one key, one partition) still reach the broker in outbox order.
+    settings.relay_batch_size = 40
+    settings.relay_pipeline_depth = 4
+    await accept_many(pool, tenant.tenant_id, 300, settings)
+    outbox_order = [
+        str(r["delivery_id"])
+        for r in await pool.fetch(
+            "SELECT delivery_id FROM outbox WHERE topic LIKE '%notify.email' ORDER BY id"
+        )
+    ]
+    relay = OutboxRelay(pool, settings)
+    task = asyncio.create_task(relay.run())
+    try:
+        await wait_for(lambda: _none_left(pool), timeout_s=60)
+    finally:
+        relay.stop()
+        await task
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, enable_auto_commit=False, auto_offset_reset="earliest"
+    )
+    await consumer.start()
+    received: list[str] = []
+    try:
+        topic = delivery_topic("email", settings.kafka_topic_prefix)
+        await consumer.topics()  # fetches the cluster metadata
+        for partition in sorted(consumer.partitions_for_topic(topic) or ()):
+            tp = TopicPartition(topic, partition)
+            consumer.assign([tp])
+            await consumer.seek_to_beginning(tp)
+            while records := (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
+                received += [events_pb2.DeliveryRequested.FromString(r.value).delivery_id for r in records]
+    finally:
+        await consumer.stop()
+    assert received == outbox_order  # one tenant: one key, one partition, outbox order
