@@ -30,10 +30,10 @@ import asyncpg
 import uuid6
 from google.protobuf import timestamp_pb2
 
-from channels.callbacks import enqueue_status_change
+from channels.callbacks import build_status_payload, enqueue_status_change
 from channels.catalog import CHANNEL_NAMES, dead_letter_topic, delivery_topic
 from channels.provider import DeliveryError, Provider, RetryableDeliveryError
-from gateway.status_stream import notify_delivery_status_changed
+from gateway.status_stream import DELIVERY_STATUS_CHANNEL, notify_delivery_status_changed
 from gateway.write_path import OUTBOX_NOTIFY_CHANNEL, build_delivery_event
 from switchboard.db.pool import Connection
 from switchboard.notify.v1 import events_pb2, notify_pb2
@@ -91,29 +91,86 @@ async def _status_changed(
     )
 
 
+#: Claim a delivery as ONE statement (one round trip, one commit): SENDING with
+#: attempts + 1 unless it is final or its retry is not due (a duplicate event),
+#: open the attempt row, queue the tenant's status callback (with the attempt
+#: number the UPDATE produced) and announce the change to watchers at commit.
+CLAIM_SQL = """
+WITH u AS (
+    UPDATE deliveries
+       SET status = 'sending', attempts = attempts + 1, updated_at = now(), next_attempt_at = NULL
+     WHERE id = $1 AND tenant_id = $2
+       AND status IN ('queued', 'sending')
+       AND (next_attempt_at IS NULL OR next_attempt_at <= now())
+    RETURNING attempts
+),
+a AS (
+    INSERT INTO delivery_attempts (delivery_id, attempt_number, provider)
+    SELECT $1, attempts, '' FROM u
+),
+c AS (
+    INSERT INTO callback_deliveries (tenant_id, delivery_id, payload)
+    SELECT t.tenant_id, $1, jsonb_set($3::jsonb, '{attempt}', to_jsonb(u.attempts))
+      FROM tenant_callbacks t, u
+     WHERE t.tenant_id = $2
+)
+SELECT u.attempts, pg_notify($4, $5) FROM u
+"""
+
+#: Record a successful attempt as ONE statement: the attempt row, the delivery
+#: (DELIVERED, final), the tenant's status callback and the watchers' NOTIFY.
+DELIVERED_SQL = """
+WITH a AS (
+    UPDATE delivery_attempts
+       SET outcome = 'delivered', provider = $3, provider_message_id = $4, finished_at = now()
+     WHERE delivery_id = $1 AND attempt_number = $2
+),
+d AS (
+    UPDATE deliveries SET status = 'delivered', provider = $3, provider_message_id = $4,
+           last_error = '', updated_at = now()
+     WHERE id = $1
+),
+c AS (
+    INSERT INTO callback_deliveries (tenant_id, delivery_id, payload)
+    SELECT tenant_id, $1, $6::jsonb FROM tenant_callbacks WHERE tenant_id = $5
+)
+SELECT pg_notify($7, $8)
+"""
+
+
+def _callback_payload(
+    event: events_pb2.DeliveryRequested, status: str, attempt: int, provider_message_id: str = ""
+) -> str:
+    return json.dumps(
+        build_status_payload(
+            tenant_id=event.tenant_id,
+            delivery_id=event.delivery_id,
+            notification_id=event.notification_id,
+            channel=CHANNEL_NAMES[event.channel],
+            status=status,
+            attempt=attempt,
+            error="",
+            provider_message_id=provider_message_id,
+            occurred_at=datetime.now(UTC),
+        ),
+        separators=(",", ":"),
+    )
+
+
 async def claim_delivery(pool: asyncpg.Pool, event: events_pb2.DeliveryRequested) -> int | None:
-    """Mark the delivery SENDING and open attempt N; return N, or ``None`` for a duplicate event."""
-    async with pool.acquire() as tx, tx.transaction():
-        attempt = await tx.fetchval(
-            """UPDATE deliveries
-                  SET status = 'sending', attempts = attempts + 1, updated_at = now(),
-                      next_attempt_at = NULL
-                WHERE id = $1 AND tenant_id = $2
-                  AND status IN ('queued', 'sending')
-                  AND (next_attempt_at IS NULL OR next_attempt_at <= now())
-            RETURNING attempts""",
-            uuid.UUID(event.delivery_id),
-            uuid.UUID(event.tenant_id),
-        )
-        if attempt is None:
-            return None
-        await tx.execute(
-            "INSERT INTO delivery_attempts (delivery_id, attempt_number, provider) VALUES ($1, $2, '')",
-            uuid.UUID(event.delivery_id),
-            attempt,
-        )
-        await _status_changed(tx, event, "sending", int(attempt))
-        return int(attempt)
+    """Mark the delivery SENDING and open attempt N; return N, or ``None`` for a duplicate event.
+
+    One statement (:data:`CLAIM_SQL`); raises asyncpg's exception on a database error.
+    """
+    attempt = await pool.fetchval(
+        CLAIM_SQL,
+        uuid.UUID(event.delivery_id),
+        uuid.UUID(event.tenant_id),
+        _callback_payload(event, "sending", 0),
+        DELIVERY_STATUS_CHANNEL,
+        event.notification_id,
+    )
+    return None if attempt is None else int(attempt)
 
 
 async def record_delivered(
@@ -123,27 +180,18 @@ async def record_delivered(
     provider_name: str,
     provider_message_id: str,
 ) -> None:
-    """Record a successful attempt: the delivery becomes DELIVERED (final)."""
-    delivery_id = uuid.UUID(event.delivery_id)
-    async with pool.acquire() as tx, tx.transaction():
-        await tx.execute(
-            """UPDATE delivery_attempts
-                  SET outcome = 'delivered', provider = $3, provider_message_id = $4, finished_at = now()
-                WHERE delivery_id = $1 AND attempt_number = $2""",
-            delivery_id,
-            attempt,
-            provider_name,
-            provider_message_id,
-        )
-        await tx.execute(
-            """UPDATE deliveries SET status = 'delivered', provider = $2, provider_message_id = $3,
-                      last_error = '', updated_at = now()
-                WHERE id = $1""",
-            delivery_id,
-            provider_name,
-            provider_message_id,
-        )
-        await _status_changed(tx, event, "delivered", attempt, provider_message_id=provider_message_id)
+    """Record a successful attempt: the delivery becomes DELIVERED (final). One statement."""
+    await pool.execute(
+        DELIVERED_SQL,
+        uuid.UUID(event.delivery_id),
+        attempt,
+        provider_name,
+        provider_message_id,
+        uuid.UUID(event.tenant_id),
+        _callback_payload(event, "delivered", attempt, provider_message_id),
+        DELIVERY_STATUS_CHANNEL,
+        event.notification_id,
+    )
 
 
 async def _attempt_history(tx: Connection, delivery_id: uuid.UUID) -> list[events_pb2.DeliveryAttempt]:

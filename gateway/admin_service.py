@@ -1,4 +1,4 @@
-"""TenantAdminService: the operator's API for tenants, API keys and provider configurations.
+"""TenantAdminService: the operator's API for tenants, API keys, provider and processor configurations.
 
 Reachable only with the operator token (``SWITCHBOARD_ADMIN_TOKEN``) in
 ``authorization: Bearer`` metadata; a tenant API key never opens it. Secrets
@@ -32,9 +32,10 @@ from gateway.errors import (
 from gateway.rpc import answer, database_errors_as_unavailable
 from gateway.validation import FieldViolation, RequestInvalid
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
-from tenants import store
+from tenants import processor_store, store
+from tenants.processor_config import PROCESSORS, parse_processor_name, split_processor_config
 from tenants.provider_config import split_provider_config
-from tenants.sealing import MasterKeyRing, secrets_associated_data
+from tenants.sealing import MasterKeyRing, processor_secrets_associated_data, secrets_associated_data
 
 T = TypeVar("T")
 Context = grpc.aio.ServicerContext[Any, Any]
@@ -102,6 +103,20 @@ def provider_config_view(config: store.StoredProviderConfig) -> tenants_pb2.Prov
     )
 
 
+def processor_config_view(config: processor_store.StoredProcessorConfig) -> tenants_pb2.ProcessorConfigView:
+    """The read form of a processor configuration: settings, which secrets are set, fingerprints."""
+    return tenants_pb2.ProcessorConfigView(
+        tenant_id=str(config.tenant_id),
+        processor=config.processor,
+        priority=config.priority,
+        settings={k: str(v) for k, v in config.settings.items()},
+        secret_fields=config.secret_fields,
+        secret_fingerprint=config.secret_fingerprint,
+        webhook_secret_fingerprints=config.webhook_secret_fingerprints,
+        update_time=_timestamp(config.updated_at),
+    )
+
+
 def status_callback_message(stored: callbacks.TenantCallback) -> tenants_pb2.StatusCallback:
     """The API form of a tenant's callback endpoint (no secret)."""
     return tenants_pb2.StatusCallback(
@@ -130,6 +145,14 @@ def parse_channel(value: int, field: str = "channel") -> str:
     if value not in CHANNEL_NAMES:
         raise _invalid(field, "one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_PUSH")
     return CHANNEL_NAMES[value]
+
+
+def parse_processor(value: str, field: str = "processor") -> str:
+    """A processor name (``stripe``, ``adyen``), or INVALID_ARGUMENT naming ``field``."""
+    name = parse_processor_name(value)
+    if name is None:
+        raise _invalid(field, f"one of {', '.join(PROCESSORS)}")
+    return name
 
 
 def validate_limits(
@@ -430,6 +453,89 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
             if not deleted:
                 raise RpcError(not_found("provider config", f"{request.tenant_id}/{channel}"))
             return tenants_pb2.DeleteProviderConfigResponse()
+
+        return await self._call(context, work)
+
+    async def SetProcessorConfig(
+        self, request: tenants_pb2.SetProcessorConfigRequest, context: Context
+    ) -> tenants_pb2.SetProcessorConfigResponse:
+        async def work() -> tenants_pb2.SetProcessorConfigResponse:
+            violations: list[FieldViolation] = []
+            tenant_id: uuid.UUID | None = None
+            try:
+                tenant_id = parse_tenant_id(request.tenant_id)
+            except RpcError:
+                violations.append(FieldViolation(field="tenant_id", description="must be a tenant id (UUID)"))
+            try:
+                split = split_processor_config(request.config)
+            except RequestInvalid as exc:
+                violations += exc.violations
+            if violations:
+                raise RpcError(invalid_argument(violations))
+            assert tenant_id is not None
+            ring = self._require_key_ring()
+            plaintext = split.secrets.to_json()
+            sealed = ring.seal(plaintext, processor_secrets_associated_data(tenant_id, split.processor))
+            async with self._pool.acquire() as conn, conn.transaction():
+                await self._tenant_or_404(conn, request.tenant_id)
+                stored = await processor_store.upsert_processor_config(
+                    conn,
+                    processor_store.StoredProcessorConfig(
+                        tenant_id=tenant_id,
+                        processor=split.processor,
+                        priority=split.priority,
+                        settings=split.settings,
+                        secret_fields=split.secret_fields,
+                        key_id=sealed.key_id,
+                        nonce=sealed.nonce,
+                        ciphertext=sealed.ciphertext,
+                        secret_fingerprint=ring.fingerprint(plaintext),
+                        webhook_secret_fingerprints=[
+                            ring.fingerprint(secret.encode("utf-8"))
+                            for secret in split.secrets.webhook_secrets
+                        ],
+                    ),
+                )
+            return tenants_pb2.SetProcessorConfigResponse(config=processor_config_view(stored))
+
+        return await self._call(context, work)
+
+    async def GetProcessorConfig(
+        self, request: tenants_pb2.GetProcessorConfigRequest, context: Context
+    ) -> tenants_pb2.GetProcessorConfigResponse:
+        async def work() -> tenants_pb2.GetProcessorConfigResponse:
+            tenant_id = parse_tenant_id(request.tenant_id)
+            processor = parse_processor(request.processor)
+            config = await processor_store.get_processor_config(self._pool, tenant_id, processor)
+            if config is None:
+                raise RpcError(not_found("processor config", f"{request.tenant_id}/{processor}"))
+            return tenants_pb2.GetProcessorConfigResponse(config=processor_config_view(config))
+
+        return await self._call(context, work)
+
+    async def ListProcessorConfigs(
+        self, request: tenants_pb2.ListProcessorConfigsRequest, context: Context
+    ) -> tenants_pb2.ListProcessorConfigsResponse:
+        async def work() -> tenants_pb2.ListProcessorConfigsResponse:
+            tenant = await self._tenant_or_404(self._pool, request.tenant_id)
+            configs = await processor_store.list_processor_configs(self._pool, tenant.id)
+            return tenants_pb2.ListProcessorConfigsResponse(
+                configs=[processor_config_view(c) for c in configs]
+            )
+
+        return await self._call(context, work)
+
+    async def DeleteProcessorConfig(
+        self, request: tenants_pb2.DeleteProcessorConfigRequest, context: Context
+    ) -> tenants_pb2.DeleteProcessorConfigResponse:
+        async def work() -> tenants_pb2.DeleteProcessorConfigResponse:
+            tenant_id = parse_tenant_id(request.tenant_id)
+            processor = parse_processor(request.processor)
+            async with self._pool.acquire() as conn, conn.transaction():
+                deleted = await processor_store.delete_processor_config(conn, tenant_id, processor)
+            if not deleted:
+                raise RpcError(not_found("processor config", f"{request.tenant_id}/{processor}"))
+            return tenants_pb2.DeleteProcessorConfigResponse()
 
         return await self._call(context, work)
 

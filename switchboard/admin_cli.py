@@ -1,9 +1,10 @@
 """Operator commands over TenantAdminService: ``switchboard tenants|keys|providers ...``.
 
 They call the gateway at ``SWITCHBOARD_GRPC_ADDR`` with the operator token
-``SWITCHBOARD_ADMIN_TOKEN``. Provider secrets are read from a JSON file or
-standard input (``--config -``), never from the command line, where they would
-land in shell history and ``ps`` output.
+``SWITCHBOARD_ADMIN_TOKEN``. Provider and payment processor secrets are read
+from a JSON file or standard input (``--config -``), never from the command
+line, where they would land in shell history and ``ps`` output. Payment
+processors are under ``switchboard providers processors set|get|list|delete``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,12 @@ keys_app = typer.Typer(help="Tenant API keys (through the admin API).", no_args_
 providers_app = typer.Typer(
     help="Tenant provider configurations (through the admin API).", no_args_is_help=True
 )
+
+processors_app = typer.Typer(
+    help="Tenant payment processor configurations: Stripe, Adyen (through the admin API).",
+    no_args_is_help=True,
+)
+providers_app.add_typer(processors_app, name="processors")
 
 CHANNELS = {"email": notify_pb2.CHANNEL_EMAIL, "sms": notify_pb2.CHANNEL_SMS, "push": notify_pb2.CHANNEL_PUSH}
 
@@ -94,6 +101,31 @@ def _config_table(configs: list[tenants_pb2.ProviderConfigView]) -> Table:
             ", ".join(f"{k}={v}" for k, v in sorted(c.settings.items()) if v),
             ", ".join(c.secret_fields),
             c.secret_fingerprint,
+            c.update_time.ToJsonString(),
+        )
+    return table
+
+
+def _processor_table(configs: list[tenants_pb2.ProcessorConfigView]) -> Table:
+    table = Table()
+    for column in (
+        "processor",
+        "priority",
+        "settings",
+        "secrets set",
+        "fingerprint",
+        "webhook keys",
+        "updated",
+    ):
+        table.add_column(column, overflow="fold")
+    for c in configs:
+        table.add_row(
+            c.processor,
+            str(c.priority),
+            ", ".join(f"{k}={v}" for k, v in sorted(c.settings.items()) if v),
+            ", ".join(c.secret_fields),
+            c.secret_fingerprint,
+            " ".join(c.webhook_secret_fingerprints) or "-",
             c.update_time.ToJsonString(),
         )
     return table
@@ -272,6 +304,74 @@ def providers_delete(tenant_id: str, channel: str) -> None:
     console.print(f"deleted the {channel} provider of {tenant_id}")
 
 
+def read_processor_config(source: str) -> tenants_pb2.ProcessorConfig:
+    """A ProcessorConfig from a JSON file, or from standard input when ``source`` is ``-``.
+
+    The JSON is the protobuf JSON form, e.g.
+    ``{"priority": 0, "stripe": {"secretKey": "sk_live_...", "webhookSecrets": ["whsec_..."]}}`` or
+    ``{"priority": 1, "adyen": {"apiKey": "...", "merchantAccount": "AcmeECOM", "hmacKeys": ["44782D..."]}}``.
+    Raises ``typer.BadParameter`` (never quoting the content) if it is not one.
+    """
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    try:
+        return json_format.Parse(text, tenants_pb2.ProcessorConfig())
+    except json_format.ParseError as exc:
+        # The parser's message can quote values; never echo a secret.
+        raise typer.BadParameter(f"not a ProcessorConfig in JSON form ({type(exc).__name__})") from None
+
+
+@processors_app.command("set")
+def processors_set(
+    tenant_id: str,
+    config: Annotated[
+        str, typer.Option("--config", help="JSON file with the ProcessorConfig, or - for stdin")
+    ],
+) -> None:
+    """Set (create or replace) a tenant's Stripe or Adyen configuration; secrets from a file or stdin."""
+    message = read_processor_config(config)
+    reply = _call(
+        lambda s, md: s.SetProcessorConfig(
+            tenants_pb2.SetProcessorConfigRequest(tenant_id=tenant_id, config=message), metadata=md
+        )
+    )
+    console.print(_processor_table([reply.config]))
+
+
+@processors_app.command("get")
+def processors_get(tenant_id: str, processor: Annotated[str, typer.Argument(help="stripe or adyen")]) -> None:
+    """Show one processor configuration (settings, which secrets are set, fingerprints)."""
+    reply = _call(
+        lambda s, md: s.GetProcessorConfig(
+            tenants_pb2.GetProcessorConfigRequest(tenant_id=tenant_id, processor=processor), metadata=md
+        )
+    )
+    console.print(_processor_table([reply.config]))
+
+
+@processors_app.command("list")
+def processors_list(tenant_id: str) -> None:
+    """List a tenant's processor configurations in failover order."""
+    reply = _call(
+        lambda s, md: s.ListProcessorConfigs(
+            tenants_pb2.ListProcessorConfigsRequest(tenant_id=tenant_id), metadata=md
+        )
+    )
+    console.print(_processor_table(list(reply.configs)))
+
+
+@processors_app.command("delete")
+def processors_delete(
+    tenant_id: str, processor: Annotated[str, typer.Argument(help="stripe or adyen")]
+) -> None:
+    """Delete a tenant's configuration of one processor."""
+    _call(
+        lambda s, md: s.DeleteProcessorConfig(
+            tenants_pb2.DeleteProcessorConfigRequest(tenant_id=tenant_id, processor=processor), metadata=md
+        )
+    )
+    console.print(f"deleted the {processor} processor of {tenant_id}")
+
+
 @tenants_app.command("rotate-master-key")
 def rotate_master_key() -> None:
     """Re-encrypt every stored secret under the current (first) key of SWITCHBOARD_MASTER_KEY.
@@ -312,7 +412,9 @@ def rotate_master_key() -> None:
     except MasterKeyError as exc:
         console.print(f"[red]{exc}[/red]")
         raise typer.Exit(1) from None
-    console.print(f"re-encrypted {count} provider configuration(s) under key {ring.current_key_id!r}")
+    console.print(
+        f"re-encrypted {count} provider/processor configuration(s) under key {ring.current_key_id!r}"
+    )
 
 
 @tenants_app.command("generate-master-key")

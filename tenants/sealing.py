@@ -10,8 +10,9 @@ Generate an entry with ``generate_master_key()`` or ``openssl rand -base64 32``.
 
 Every seal uses a fresh random 96-bit nonce (NIST SP 800-38D, section 8.2.2)
 and associated data binding the ciphertext to its tenant and channel
-(``secrets_associated_data``), so a ciphertext copied to another row does not
-open. The key id is stored next to the ciphertext to find the key again.
+(``secrets_associated_data``) or its tenant and payment processor
+(``processor_secrets_associated_data``), so a ciphertext copied to another row
+does not open. The key id is stored next to the ciphertext to find the key again.
 
 Nothing here ever puts key material or plaintext in an exception message, a
 repr or a log line.
@@ -73,9 +74,9 @@ class SecretUnreadable(MasterKeyError):
     """A sealed secret cannot be opened.
 
     Either its key id is not in the ring, or the GCM tag does not verify: the
-    ciphertext or nonce was altered, the associated data (tenant or channel)
-    differs from the one it was sealed with, or the ring holds a different key
-    under that id.
+    ciphertext or nonce was altered, the associated data (tenant and channel,
+    or tenant and processor) differs from the one it was sealed with, or the
+    ring holds a different key under that id.
     """
 
 
@@ -85,7 +86,8 @@ class SealedSecret:
 
     ``key_id`` names the master key, ``nonce`` is the 12-byte GCM nonce and
     ``ciphertext`` is the encrypted data followed by the 16-byte tag. These are
-    the ``key_id``, ``nonce`` and ``ciphertext`` columns of ``provider_configs``.
+    the ``key_id``, ``nonce`` and ``ciphertext`` columns of ``provider_configs`` and
+    ``processor_configs``.
     The repr shows only the key id and the lengths.
     """
 
@@ -108,6 +110,22 @@ def secrets_associated_data(tenant_id: uuid.UUID, channel: str) -> bytes:
     authentication (``SecretUnreadable``).
     """
     return f"{tenant_id}/{channel}".encode()
+
+
+#: The prefix of the processor part of ``processor_secrets_associated_data``.
+PROCESSOR_CONTEXT_PREFIX = "processor:"
+
+
+def processor_secrets_associated_data(tenant_id: uuid.UUID, processor: str) -> bytes:
+    """The GCM associated data binding a payment processor secret to its tenant and processor.
+
+    ``b"<tenant id>/processor:<processor>"``, e.g. ``b"5f0c...-9e1a/processor:stripe"``.
+    It never equals a channel's ``secrets_associated_data`` (no channel name
+    contains ``:``), so a ciphertext opened for another tenant, another
+    processor, or as a notification provider secret fails authentication
+    (``SecretUnreadable``).
+    """
+    return f"{tenant_id}/{PROCESSOR_CONTEXT_PREFIX}{processor}".encode()
 
 
 def _check_key_id(key_id: str, where: str) -> None:
@@ -258,7 +276,7 @@ class MasterKeyRing:
         except InvalidTag:
             raise SecretUnreadable(
                 f"the secret sealed under master key {sealed.key_id!r} failed authentication: it was "
-                "altered, it belongs to another tenant or channel, or the key under that id in "
+                "altered, it belongs to another tenant, channel or processor, or the key under that id in "
                 f"{MASTER_KEY_ENV} is not the one that sealed it"
             ) from None
 

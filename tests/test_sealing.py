@@ -95,7 +95,7 @@ def test_flipped_nonce_bit_is_unreadable() -> None:
 def test_wrong_associated_data_is_unreadable(tenant_id: uuid.UUID, channel: str) -> None:
     ring = MasterKeyRing.parse(f"k1:{b64_key()}")
     sealed = ring.seal(SECRET, secrets_associated_data(TENANT, "email"))
-    with pytest.raises(SecretUnreadable, match="another tenant or channel"):
+    with pytest.raises(SecretUnreadable, match="another tenant, channel or processor"):
         ring.open(sealed, secrets_associated_data(tenant_id, channel))
 
 

@@ -1118,6 +1118,417 @@ class DeleteProviderConfigResponse(_message.Message):
 Global___DeleteProviderConfigResponse: _TypeAlias = DeleteProviderConfigResponse  # noqa: Y015
 
 @_typing.final
+class StripeConfig(_message.Message):
+    """Card payments through Stripe (https://docs.stripe.com/api)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SECRET_KEY_FIELD_NUMBER: _builtins.int
+    WEBHOOK_SECRETS_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    secret_key: _builtins.str
+    """Secret key (secret): "sk_test_..." / "sk_live_..." or a restricted key
+    "rk_test_..." / "rk_live_..." (https://docs.stripe.com/keys). Never a
+    publishable "pk_" key. Sent as `Authorization: Bearer`.
+    """
+    base_url: _builtins.str
+    """API base URL; empty means https://api.stripe.com (a fake in tests)."""
+    @_builtins.property
+    def webhook_secrets(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Webhook endpoint signing secrets (secret), each "whsec_...": at most 5;
+        several while an endpoint secret is rolled (a delivery signed by any one
+        of them is accepted). Empty: this tenant's Stripe webhooks are refused.
+        """
+
+    def __init__(
+        self,
+        *,
+        secret_key: _builtins.str = ...,
+        webhook_secrets: _abc.Iterable[_builtins.str] | None = ...,
+        base_url: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_url", b"base_url", "secret_key", b"secret_key", "webhook_secrets", b"webhook_secrets"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StripeConfig: _TypeAlias = StripeConfig  # noqa: Y015
+
+@_typing.final
+class AdyenConfig(_message.Message):
+    """Card payments through the Adyen Checkout API (v71,
+    https://docs.adyen.com/api-explorer/Checkout/71/overview).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    API_KEY_FIELD_NUMBER: _builtins.int
+    MERCHANT_ACCOUNT_FIELD_NUMBER: _builtins.int
+    HMAC_KEYS_FIELD_NUMBER: _builtins.int
+    BASE_URL_FIELD_NUMBER: _builtins.int
+    RETURN_URL_FIELD_NUMBER: _builtins.int
+    RECURRING_PROCESSING_MODEL_FIELD_NUMBER: _builtins.int
+    api_key: _builtins.str
+    """API key of the web-service user (secret), sent as `X-API-Key`."""
+    merchant_account: _builtins.str
+    """Merchant account code, sent as `merchantAccount`."""
+    base_url: _builtins.str
+    """Checkout API root including the version; empty means the test endpoint
+    https://checkout-test.adyen.com/v71. Live accounts must set their
+    https://{PREFIX}-checkout-live.adyenpayments.com/checkout/v71.
+    """
+    return_url: _builtins.str
+    """The `returnUrl` sent with every payment (required by the API; a
+    merchant-initiated token payment never redirects to it); empty means a
+    placeholder.
+    """
+    recurring_processing_model: _builtins.str
+    """`recurringProcessingModel`: UnscheduledCardOnFile (empty means this),
+    CardOnFile or Subscription.
+    """
+    @_builtins.property
+    def hmac_keys(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Webhook HMAC keys (secret), hex as shown in the Customer Area (even
+        length, 32-256 hex digits; usually 64): at most 5, several while a key is
+        rotated. Empty: this tenant's Adyen webhooks are refused.
+        """
+
+    def __init__(
+        self,
+        *,
+        api_key: _builtins.str = ...,
+        merchant_account: _builtins.str = ...,
+        hmac_keys: _abc.Iterable[_builtins.str] | None = ...,
+        base_url: _builtins.str = ...,
+        return_url: _builtins.str = ...,
+        recurring_processing_model: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "base_url", b"base_url", "hmac_keys", b"hmac_keys", "merchant_account", b"merchant_account", "recurring_processing_model", b"recurring_processing_model", "return_url", b"return_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AdyenConfig: _TypeAlias = AdyenConfig  # noqa: Y015
+
+@_typing.final
+class ProcessorConfig(_message.Message):
+    """A payment processor configuration as written (SetProcessorConfig)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    STRIPE_FIELD_NUMBER: _builtins.int
+    ADYEN_FIELD_NUMBER: _builtins.int
+    priority: _builtins.int
+    """Failover order among the tenant's processors: 0-1000, lower first; ties
+    in processor name order.
+    """
+    @_builtins.property
+    def stripe(self) -> Global___StripeConfig:
+        """Stripe."""
+
+    @_builtins.property
+    def adyen(self) -> Global___AdyenConfig:
+        """Adyen."""
+
+    def __init__(
+        self,
+        *,
+        priority: _builtins.int = ...,
+        stripe: Global___StripeConfig | None = ...,
+        adyen: Global___AdyenConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["adyen", b"adyen", "processor", b"processor", "stripe", b"stripe"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["adyen", b"adyen", "priority", b"priority", "processor", b"processor", "stripe", b"stripe"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType_processor: _TypeAlias = _typing.Literal["stripe", "adyen"]  # noqa: Y015
+    _WhichOneofArgType_processor: _TypeAlias = _typing.Literal["processor", b"processor"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType_processor) -> _WhichOneofReturnType_processor | None: ...
+
+Global___ProcessorConfig: _TypeAlias = ProcessorConfig  # noqa: Y015
+
+@_typing.final
+class ProcessorConfigView(_message.Message):
+    """A payment processor configuration as read: settings without secrets."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class SettingsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PROCESSOR_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    SETTINGS_FIELD_NUMBER: _builtins.int
+    SECRET_FIELDS_FIELD_NUMBER: _builtins.int
+    SECRET_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    WEBHOOK_SECRET_FINGERPRINTS_FIELD_NUMBER: _builtins.int
+    UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    processor: _builtins.str
+    """The processor: "stripe" or "adyen"."""
+    priority: _builtins.int
+    """Failover order (lower first)."""
+    secret_fingerprint: _builtins.str
+    """A fingerprint of all the secrets together (HMAC-SHA256, first 16 hex
+    digits): changes when any of them changes.
+    """
+    @_builtins.property
+    def settings(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Non-secret settings by field name (Stripe: base_url, mode "test" or
+        "live", key_type "secret" or "restricted"; Adyen: merchant_account,
+        base_url, return_url, recurring_processing_model).
+        """
+
+    @_builtins.property
+    def secret_fields(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Names of the secret fields that are set."""
+
+    @_builtins.property
+    def webhook_secret_fingerprints(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """One fingerprint per webhook secret / HMAC key, in the order given: shows
+        which keys are in place during a rotation without revealing them.
+        """
+
+    @_builtins.property
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was last set."""
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        processor: _builtins.str = ...,
+        priority: _builtins.int = ...,
+        settings: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        secret_fields: _abc.Iterable[_builtins.str] | None = ...,
+        secret_fingerprint: _builtins.str = ...,
+        webhook_secret_fingerprints: _abc.Iterable[_builtins.str] | None = ...,
+        update_time: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update_time", b"update_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["priority", b"priority", "processor", b"processor", "secret_fields", b"secret_fields", "secret_fingerprint", b"secret_fingerprint", "settings", b"settings", "tenant_id", b"tenant_id", "update_time", b"update_time", "webhook_secret_fingerprints", b"webhook_secret_fingerprints"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ProcessorConfigView: _TypeAlias = ProcessorConfigView  # noqa: Y015
+
+@_typing.final
+class SetProcessorConfigRequest(_message.Message):
+    """Request for SetProcessorConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    CONFIG_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    @_builtins.property
+    def config(self) -> Global___ProcessorConfig:
+        """The configuration, secrets included; replaces the tenant's configuration
+        of the same processor.
+        """
+
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        config: Global___ProcessorConfig | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetProcessorConfigRequest: _TypeAlias = SetProcessorConfigRequest  # noqa: Y015
+
+@_typing.final
+class SetProcessorConfigResponse(_message.Message):
+    """Response for SetProcessorConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def config(self) -> Global___ProcessorConfigView:
+        """What was stored, without secrets."""
+
+    def __init__(
+        self,
+        *,
+        config: Global___ProcessorConfigView | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetProcessorConfigResponse: _TypeAlias = SetProcessorConfigResponse  # noqa: Y015
+
+@_typing.final
+class GetProcessorConfigRequest(_message.Message):
+    """Request for GetProcessorConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PROCESSOR_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    processor: _builtins.str
+    """The processor: "stripe" or "adyen"."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        processor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processor", b"processor", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProcessorConfigRequest: _TypeAlias = GetProcessorConfigRequest  # noqa: Y015
+
+@_typing.final
+class GetProcessorConfigResponse(_message.Message):
+    """Response for GetProcessorConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIG_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def config(self) -> Global___ProcessorConfigView:
+        """The configuration without secrets."""
+
+    def __init__(
+        self,
+        *,
+        config: Global___ProcessorConfigView | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetProcessorConfigResponse: _TypeAlias = GetProcessorConfigResponse  # noqa: Y015
+
+@_typing.final
+class ListProcessorConfigsRequest(_message.Message):
+    """Request for ListProcessorConfigs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProcessorConfigsRequest: _TypeAlias = ListProcessorConfigsRequest  # noqa: Y015
+
+@_typing.final
+class ListProcessorConfigsResponse(_message.Message):
+    """Response for ListProcessorConfigs."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CONFIGS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def configs(self) -> _containers.RepeatedCompositeFieldContainer[Global___ProcessorConfigView]:
+        """One per configured processor, in failover order."""
+
+    def __init__(
+        self,
+        *,
+        configs: _abc.Iterable[Global___ProcessorConfigView] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["configs", b"configs"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListProcessorConfigsResponse: _TypeAlias = ListProcessorConfigsResponse  # noqa: Y015
+
+@_typing.final
+class DeleteProcessorConfigRequest(_message.Message):
+    """Request for DeleteProcessorConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TENANT_ID_FIELD_NUMBER: _builtins.int
+    PROCESSOR_FIELD_NUMBER: _builtins.int
+    tenant_id: _builtins.str
+    """The tenant id."""
+    processor: _builtins.str
+    """The processor: "stripe" or "adyen"."""
+    def __init__(
+        self,
+        *,
+        tenant_id: _builtins.str = ...,
+        processor: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processor", b"processor", "tenant_id", b"tenant_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProcessorConfigRequest: _TypeAlias = DeleteProcessorConfigRequest  # noqa: Y015
+
+@_typing.final
+class DeleteProcessorConfigResponse(_message.Message):
+    """Response for DeleteProcessorConfig."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___DeleteProcessorConfigResponse: _TypeAlias = DeleteProcessorConfigResponse  # noqa: Y015
+
+@_typing.final
 class StatusCallback(_message.Message):
     """A tenant's status callback endpoint."""
 

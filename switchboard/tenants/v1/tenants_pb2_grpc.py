@@ -26,8 +26,9 @@ if _version_not_supported:
 
 
 class TenantAdminServiceStub:
-    """TenantAdminService manages tenants, their API keys and their provider
-    configurations. It is reachable only with the operator token
+    """TenantAdminService manages tenants, their API keys, their notification
+    provider configurations and their payment processor configurations. It is
+    reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
     """
@@ -103,6 +104,26 @@ class TenantAdminServiceStub:
                 request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigRequest.SerializeToString,
                 response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigResponse.FromString,
                 _registered_method=True)
+        self.SetProcessorConfig = channel.unary_unary(
+                '/switchboard.tenants.v1.TenantAdminService/SetProcessorConfig',
+                request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetProcessorConfigRequest.SerializeToString,
+                response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetProcessorConfigResponse.FromString,
+                _registered_method=True)
+        self.GetProcessorConfig = channel.unary_unary(
+                '/switchboard.tenants.v1.TenantAdminService/GetProcessorConfig',
+                request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetProcessorConfigRequest.SerializeToString,
+                response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetProcessorConfigResponse.FromString,
+                _registered_method=True)
+        self.ListProcessorConfigs = channel.unary_unary(
+                '/switchboard.tenants.v1.TenantAdminService/ListProcessorConfigs',
+                request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.ListProcessorConfigsRequest.SerializeToString,
+                response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.ListProcessorConfigsResponse.FromString,
+                _registered_method=True)
+        self.DeleteProcessorConfig = channel.unary_unary(
+                '/switchboard.tenants.v1.TenantAdminService/DeleteProcessorConfig',
+                request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProcessorConfigRequest.SerializeToString,
+                response_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProcessorConfigResponse.FromString,
+                _registered_method=True)
         self.SetStatusCallback = channel.unary_unary(
                 '/switchboard.tenants.v1.TenantAdminService/SetStatusCallback',
                 request_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetStatusCallbackRequest.SerializeToString,
@@ -121,8 +142,9 @@ class TenantAdminServiceStub:
 
 
 class TenantAdminServiceServicer:
-    """TenantAdminService manages tenants, their API keys and their provider
-    configurations. It is reachable only with the operator token
+    """TenantAdminService manages tenants, their API keys, their notification
+    provider configurations and their payment processor configurations. It is
+    reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
     """
@@ -213,6 +235,36 @@ class TenantAdminServiceServicer:
 
     def DeleteProviderConfig(self, request, context):
         """Deletes a provider configuration.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetProcessorConfig(self, request, context):
+        """Sets (creates or replaces) a tenant's configuration of one payment
+        processor ("stripe" or "adyen", from the oneof set in the config).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetProcessorConfig(self, request, context):
+        """Returns a payment processor configuration without its secrets.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListProcessorConfigs(self, request, context):
+        """Lists a tenant's payment processor configurations without their secrets,
+        in failover order (priority, then processor name).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def DeleteProcessorConfig(self, request, context):
+        """Deletes a payment processor configuration.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -309,6 +361,26 @@ def add_TenantAdminServiceServicer_to_server(servicer, server):
                     request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigRequest.FromString,
                     response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigResponse.SerializeToString,
             ),
+            'SetProcessorConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetProcessorConfig,
+                    request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetProcessorConfigRequest.FromString,
+                    response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetProcessorConfigResponse.SerializeToString,
+            ),
+            'GetProcessorConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetProcessorConfig,
+                    request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetProcessorConfigRequest.FromString,
+                    response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetProcessorConfigResponse.SerializeToString,
+            ),
+            'ListProcessorConfigs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListProcessorConfigs,
+                    request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.ListProcessorConfigsRequest.FromString,
+                    response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.ListProcessorConfigsResponse.SerializeToString,
+            ),
+            'DeleteProcessorConfig': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteProcessorConfig,
+                    request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProcessorConfigRequest.FromString,
+                    response_serializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProcessorConfigResponse.SerializeToString,
+            ),
             'SetStatusCallback': grpc.unary_unary_rpc_method_handler(
                     servicer.SetStatusCallback,
                     request_deserializer=switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetStatusCallbackRequest.FromString,
@@ -333,8 +405,9 @@ def add_TenantAdminServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class TenantAdminService:
-    """TenantAdminService manages tenants, their API keys and their provider
-    configurations. It is reachable only with the operator token
+    """TenantAdminService manages tenants, their API keys, their notification
+    provider configurations and their payment processor configurations. It is
+    reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
     """
@@ -680,6 +753,114 @@ class TenantAdminService:
             '/switchboard.tenants.v1.TenantAdminService/DeleteProviderConfig',
             switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigRequest.SerializeToString,
             switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProviderConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetProcessorConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.tenants.v1.TenantAdminService/SetProcessorConfig',
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetProcessorConfigRequest.SerializeToString,
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.SetProcessorConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetProcessorConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.tenants.v1.TenantAdminService/GetProcessorConfig',
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetProcessorConfigRequest.SerializeToString,
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.GetProcessorConfigResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListProcessorConfigs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.tenants.v1.TenantAdminService/ListProcessorConfigs',
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.ListProcessorConfigsRequest.SerializeToString,
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.ListProcessorConfigsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteProcessorConfig(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/switchboard.tenants.v1.TenantAdminService/DeleteProcessorConfig',
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProcessorConfigRequest.SerializeToString,
+            switchboard_dot_tenants_dot_v1_dot_tenants__pb2.DeleteProcessorConfigResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -27,8 +27,9 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class TenantAdminServiceStub:
-    """TenantAdminService manages tenants, their API keys and their provider
-    configurations. It is reachable only with the operator token
+    """TenantAdminService manages tenants, their API keys, their notification
+    provider configurations and their payment processor configurations. It is
+    reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
     """
@@ -63,6 +64,18 @@ class TenantAdminServiceStub:
     """Lists a tenant's provider configurations without their secrets."""
     DeleteProviderConfig: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.DeleteProviderConfigRequest, _tenants_pb2.DeleteProviderConfigResponse]
     """Deletes a provider configuration."""
+    SetProcessorConfig: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.SetProcessorConfigRequest, _tenants_pb2.SetProcessorConfigResponse]
+    """Sets (creates or replaces) a tenant's configuration of one payment
+    processor ("stripe" or "adyen", from the oneof set in the config).
+    """
+    GetProcessorConfig: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.GetProcessorConfigRequest, _tenants_pb2.GetProcessorConfigResponse]
+    """Returns a payment processor configuration without its secrets."""
+    ListProcessorConfigs: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.ListProcessorConfigsRequest, _tenants_pb2.ListProcessorConfigsResponse]
+    """Lists a tenant's payment processor configurations without their secrets,
+    in failover order (priority, then processor name).
+    """
+    DeleteProcessorConfig: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.DeleteProcessorConfigRequest, _tenants_pb2.DeleteProcessorConfigResponse]
+    """Deletes a payment processor configuration."""
     SetStatusCallback: _grpc.UnaryUnaryMultiCallable[_tenants_pb2.SetStatusCallbackRequest, _tenants_pb2.SetStatusCallbackResponse]
     """Sets the tenant's status callback URL; every delivery state change is
     POSTed to it, signed (header Switchboard-Signature: t=<unix s>,v1=<hex
@@ -75,8 +88,9 @@ class TenantAdminServiceStub:
 
 @_typing.type_check_only
 class TenantAdminServiceAsyncStub(TenantAdminServiceStub):
-    """TenantAdminService manages tenants, their API keys and their provider
-    configurations. It is reachable only with the operator token
+    """TenantAdminService manages tenants, their API keys, their notification
+    provider configurations and their payment processor configurations. It is
+    reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
     """
@@ -108,6 +122,18 @@ class TenantAdminServiceAsyncStub(TenantAdminServiceStub):
     """Lists a tenant's provider configurations without their secrets."""
     DeleteProviderConfig: _aio.UnaryUnaryMultiCallable[_tenants_pb2.DeleteProviderConfigRequest, _tenants_pb2.DeleteProviderConfigResponse]  # type: ignore[assignment]
     """Deletes a provider configuration."""
+    SetProcessorConfig: _aio.UnaryUnaryMultiCallable[_tenants_pb2.SetProcessorConfigRequest, _tenants_pb2.SetProcessorConfigResponse]  # type: ignore[assignment]
+    """Sets (creates or replaces) a tenant's configuration of one payment
+    processor ("stripe" or "adyen", from the oneof set in the config).
+    """
+    GetProcessorConfig: _aio.UnaryUnaryMultiCallable[_tenants_pb2.GetProcessorConfigRequest, _tenants_pb2.GetProcessorConfigResponse]  # type: ignore[assignment]
+    """Returns a payment processor configuration without its secrets."""
+    ListProcessorConfigs: _aio.UnaryUnaryMultiCallable[_tenants_pb2.ListProcessorConfigsRequest, _tenants_pb2.ListProcessorConfigsResponse]  # type: ignore[assignment]
+    """Lists a tenant's payment processor configurations without their secrets,
+    in failover order (priority, then processor name).
+    """
+    DeleteProcessorConfig: _aio.UnaryUnaryMultiCallable[_tenants_pb2.DeleteProcessorConfigRequest, _tenants_pb2.DeleteProcessorConfigResponse]  # type: ignore[assignment]
+    """Deletes a payment processor configuration."""
     SetStatusCallback: _aio.UnaryUnaryMultiCallable[_tenants_pb2.SetStatusCallbackRequest, _tenants_pb2.SetStatusCallbackResponse]  # type: ignore[assignment]
     """Sets the tenant's status callback URL; every delivery state change is
     POSTed to it, signed (header Switchboard-Signature: t=<unix s>,v1=<hex
@@ -119,8 +145,9 @@ class TenantAdminServiceAsyncStub(TenantAdminServiceStub):
     """Deletes the tenant's status callback; pending events are given up."""
 
 class TenantAdminServiceServicer(metaclass=_abc_1.ABCMeta):
-    """TenantAdminService manages tenants, their API keys and their provider
-    configurations. It is reachable only with the operator token
+    """TenantAdminService manages tenants, their API keys, their notification
+    provider configurations and their payment processor configurations. It is
+    reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
     """
@@ -228,6 +255,42 @@ class TenantAdminServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_tenants_pb2.DeleteProviderConfigResponse, _abc.Awaitable[_tenants_pb2.DeleteProviderConfigResponse]]:
         """Deletes a provider configuration."""
+
+    @_abc_1.abstractmethod
+    def SetProcessorConfig(
+        self,
+        request: _tenants_pb2.SetProcessorConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenants_pb2.SetProcessorConfigResponse, _abc.Awaitable[_tenants_pb2.SetProcessorConfigResponse]]:
+        """Sets (creates or replaces) a tenant's configuration of one payment
+        processor ("stripe" or "adyen", from the oneof set in the config).
+        """
+
+    @_abc_1.abstractmethod
+    def GetProcessorConfig(
+        self,
+        request: _tenants_pb2.GetProcessorConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenants_pb2.GetProcessorConfigResponse, _abc.Awaitable[_tenants_pb2.GetProcessorConfigResponse]]:
+        """Returns a payment processor configuration without its secrets."""
+
+    @_abc_1.abstractmethod
+    def ListProcessorConfigs(
+        self,
+        request: _tenants_pb2.ListProcessorConfigsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenants_pb2.ListProcessorConfigsResponse, _abc.Awaitable[_tenants_pb2.ListProcessorConfigsResponse]]:
+        """Lists a tenant's payment processor configurations without their secrets,
+        in failover order (priority, then processor name).
+        """
+
+    @_abc_1.abstractmethod
+    def DeleteProcessorConfig(
+        self,
+        request: _tenants_pb2.DeleteProcessorConfigRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_tenants_pb2.DeleteProcessorConfigResponse, _abc.Awaitable[_tenants_pb2.DeleteProcessorConfigResponse]]:
+        """Deletes a payment processor configuration."""
 
     @_abc_1.abstractmethod
     def SetStatusCallback(
