@@ -13,6 +13,7 @@ from rich.table import Table
 from switchboard.admin_cli import dlq_app, keys_app, providers_app, tenants_app
 from switchboard.ledger_cli import ledger_app
 from switchboard.logs import configure_logging
+from switchboard.reconcile_cli import reconcile
 from switchboard.settings import get_settings
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.add_typer(keys_app, name="keys")
 app.add_typer(providers_app, name="providers")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(ledger_app, name="ledger")
+app.command("reconcile")(reconcile)
 console = Console()
 
 
