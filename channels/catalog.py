@@ -28,6 +28,12 @@ def dead_letter_topic(channel: str, prefix: str = "") -> str:
     return f"{prefix}notify.{channel}.dlq"
 
 
+def payment_commands_topic(prefix: str = "") -> str:
+    """The topic of PaymentCommand events for the payment worker: ``<prefix>payments.commands``."""
+    return f"{prefix}payments.commands"
+
+
 def all_topics(prefix: str = "") -> list[str]:
     """Every topic Switchboard uses, for creation at start."""
-    return [t for c in ALL_CHANNELS for t in (delivery_topic(c, prefix), dead_letter_topic(c, prefix))]
+    notify = [t for c in ALL_CHANNELS for t in (delivery_topic(c, prefix), dead_letter_topic(c, prefix))]
+    return [*notify, payment_commands_topic(prefix)]

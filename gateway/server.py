@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from gateway.admin_service import TenantAdminService
 from gateway.auth import Authenticator
 from gateway.drain import DrainInterceptor
+from gateway.payment_service import PAYMENT_SERVICE_NAME, PaymentService, add_payment_service_to_server
 from gateway.service import NotificationService, add_notification_service_to_server
 from gateway.status_stream import close_status_hubs
 from switchboard.db.pool import create_pool
@@ -54,11 +55,11 @@ class Gateway:
     stopping: bool = False
 
     async def set_serving(self, serving: bool) -> None:
-        """Flip the overall and the NotificationService health status."""
+        """Flip the overall, the NotificationService and the PaymentService health status."""
         status = (
             health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
         )
-        for name in ("", NOTIFICATION_SERVICE_NAME):
+        for name in ("", NOTIFICATION_SERVICE_NAME, PAYMENT_SERVICE_NAME):
             await self.health.set(name, status)
 
     async def stop(self, grace_s: float = SHUTDOWN_GRACE_S) -> None:
@@ -87,7 +88,7 @@ async def start_gateway(
 ) -> Gateway:
     """Build and start the gRPC server on ``address`` (default ``settings.grpc_addr``).
 
-    Serves NotificationService, TenantAdminService (operator token), health
+    Serves NotificationService, PaymentService, TenantAdminService (operator token), health
     and reflection. Port 0 picks a free port; the bound one is in
     ``Gateway.port``. Raises ``RuntimeError`` if the address cannot be bound.
     """
@@ -104,6 +105,15 @@ async def start_gateway(
         ),
         server,
     )
+    add_payment_service_to_server(
+        PaymentService(
+            pool,
+            authenticator,
+            topic_prefix=settings.kafka_topic_prefix,
+            idempotency_retention_s=settings.idempotency_retention_s,
+        ),
+        server,
+    )
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     tenants_pb2_grpc.add_TenantAdminServiceServicer_to_server(
         TenantAdminService(pool, admin_token, key_ring), server
@@ -113,6 +123,7 @@ async def start_gateway(
     reflection.enable_server_reflection(
         [
             NOTIFICATION_SERVICE_NAME,
+            PAYMENT_SERVICE_NAME,
             ADMIN_SERVICE_NAME,
             health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
             reflection.SERVICE_NAME,

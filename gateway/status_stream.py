@@ -85,7 +85,9 @@ class Subscription:
 
 
 class StatusHub:
-    """Fans ``switchboard_delivery_status`` notifications out to subscriptions.
+    """Fans ``channel`` notifications (default ``switchboard_delivery_status``; payment
+    watches use ``switchboard_payment_status``) out to subscriptions keyed by the UUID
+    in the payload.
 
     Listens on one connection taken from ``pool`` while there is at least one
     subscription. ``connected`` is set while that connection is LISTENing;
@@ -93,9 +95,15 @@ class StatusHub:
     """
 
     def __init__(
-        self, pool: asyncpg.Pool, *, probe_interval_s: float = 1.0, reconnect_backoff_s: float = 0.5
+        self,
+        pool: asyncpg.Pool,
+        *,
+        probe_interval_s: float = 1.0,
+        reconnect_backoff_s: float = 0.5,
+        channel: str = DELIVERY_STATUS_CHANNEL,
     ) -> None:
         self._pool = pool
+        self._channel = channel
         self._probe_interval_s = probe_interval_s
         self._reconnect_backoff_s = reconnect_backoff_s
         self._subscriptions: dict[uuid.UUID, set[Subscription]] = {}
@@ -184,7 +192,7 @@ class StatusHub:
             while self._wanted():
                 try:
                     async with self._pool.acquire(timeout=self._probe_interval_s * 5) as conn:
-                        await conn.add_listener(DELIVERY_STATUS_CHANNEL, self._notified)
+                        await conn.add_listener(self._channel, self._notified)
                         try:
                             self.backend_pid = conn.get_server_pid()
                             # Anything may have changed while we were not listening.
@@ -202,11 +210,11 @@ class StatusHub:
                             # broken one is discarded by the pool anyway).
                             with contextlib.suppress(Exception):
                                 await asyncio.wait_for(
-                                    conn.remove_listener(DELIVERY_STATUS_CHANNEL, self._notified),
+                                    conn.remove_listener(self._channel, self._notified),
                                     self._probe_interval_s * 5,
                                 )
                 except Exception as exc:  # connection lost or refused: resync after reconnecting
-                    log.warning("delivery status listener reconnecting", error=repr(exc))
+                    log.warning("status listener reconnecting", channel=self._channel, error=repr(exc))
                     self.connected.clear()
                     if self._wanted():
                         await self._pause(self._reconnect_backoff_s)
@@ -224,15 +232,16 @@ class StatusHub:
                 self._task = asyncio.create_task(self._run(), name="status-hub-listener")
 
 
-_hubs: dict[int, tuple[asyncpg.Pool, StatusHub]] = {}
+_hubs: dict[tuple[int, str], tuple[asyncpg.Pool, StatusHub]] = {}
 
 
-def status_hub_for(pool: asyncpg.Pool) -> StatusHub:
-    """The process's shared hub for ``pool`` (created on first use; a closed one is replaced)."""
-    entry = _hubs.get(id(pool))
+def status_hub_for(pool: asyncpg.Pool, channel: str = DELIVERY_STATUS_CHANNEL) -> StatusHub:
+    """The process's shared hub for ``pool`` and ``channel`` (created on first use; a
+    closed one is replaced)."""
+    entry = _hubs.get((id(pool), channel))
     if entry is None or entry[0] is not pool or entry[1].closed:
-        entry = (pool, StatusHub(pool))
-        _hubs[id(pool)] = entry  # the pool is kept alive with it, so its id is not reused
+        entry = (pool, StatusHub(pool, channel=channel))
+        _hubs[(id(pool), channel)] = entry  # the pool is kept alive with it, so its id is not reused
     return entry[1]
 
 
