@@ -413,7 +413,7 @@ def run(opts: Options) -> dict[str, Any]:
             results["relay"] = {"raw_produce_per_s": raw, "relay_per_s": relay, "rows": opts.relay_rows}
             log(f"  raw produce {raw:.0f}/s, relay {relay:.0f}/s ({relay / raw:.2f}x)")
             asyncio.run(stack.reset_data())
-        if "e2e" in opts.phases:
+        if "e2e" in opts.phases or "e2e_low" in opts.phases:
             log("end to end (relay and workers running)")
             stack.resume()
             every = len(stack.other_api_keys) + 1
@@ -423,6 +423,8 @@ def run(opts: Options) -> dict[str, Any]:
                 ("e2e_low", every, E2E_LOW_RATE),
             )
             for key, tenants, rate in runs:
+                if "e2e" not in opts.phases and key != "e2e_low":
+                    continue
                 results[key] = e2e(stack, rate, opts, log, tenants)
                 for channel, p in results[key]["per_channel"].items():
                     log(

@@ -66,6 +66,7 @@ class ChannelWorker:
             enable_auto_commit=False,
             auto_offset_reset="earliest",
             max_poll_records=MAX_RECORDS_PER_POLL,
+            fetch_max_wait_ms=s.worker_fetch_max_wait_ms,
             request_timeout_ms=s.kafka_request_timeout_ms + 30_000,
         )
 

@@ -113,6 +113,9 @@ class Settings(BaseSettings):
     worker_retry_base_ms: int = Field(default=1_000, ge=1)
     worker_retry_max_ms: int = Field(default=300_000, ge=1)
     worker_provider_timeout_s: float = Field(default=15.0, gt=0)
+    worker_fetch_max_wait_ms: int = Field(
+        default=50, ge=1, description="longest a worker's fetch waits at the broker for new messages"
+    )
 
     # Signed status callbacks (dispatched by the relay process).
     callback_batch_size: int = Field(default=100, ge=1)
