@@ -50,6 +50,8 @@ RESULTS = REPO_ROOT / "bench" / "results" / "accept.json"
 CONCURRENCY = (1, 8, 32, 128)
 #: A rate the delivery side sustains on the reference box: end-to-end latency without a backlog.
 E2E_LOW_RATE = 60.0
+#: About half of what the delivery side sustains on the reference box (~350/s).
+E2E_MID_RATE = 180.0
 
 
 @dataclass
@@ -421,9 +423,10 @@ def run(opts: Options) -> dict[str, Any]:
                 ("e2e", every, best_unary / 2),
                 ("e2e_one_tenant", 1, best_unary / 2),
                 ("e2e_low", every, E2E_LOW_RATE),
+                ("e2e_mid", every, E2E_MID_RATE),
             )
             for key, tenants, rate in runs:
-                if "e2e" not in opts.phases and key != "e2e_low":
+                if "e2e" not in opts.phases and key not in ("e2e_low", "e2e_mid"):
                     continue
                 results[key] = e2e(stack, rate, opts, log, tenants)
                 for channel, p in results[key]["per_channel"].items():

@@ -33,7 +33,12 @@ def payment_commands_topic(prefix: str = "") -> str:
     return f"{prefix}payments.commands"
 
 
+def payment_events_topic(prefix: str = "") -> str:
+    """The topic of PaymentEvent messages (payment state changes): ``<prefix>payments.events``."""
+    return f"{prefix}payments.events"
+
+
 def all_topics(prefix: str = "") -> list[str]:
     """Every topic Switchboard uses, for creation at start."""
     notify = [t for c in ALL_CHANNELS for t in (delivery_topic(c, prefix), dead_letter_topic(c, prefix))]
-    return [*notify, payment_commands_topic(prefix)]
+    return [*notify, payment_commands_topic(prefix), payment_events_topic(prefix)]
