@@ -13,6 +13,8 @@ from rich.table import Table
 from switchboard.admin_cli import dlq_app, keys_app, providers_app, tenants_app
 from switchboard.ledger_cli import ledger_app
 from switchboard.logs import configure_logging
+from switchboard.payment_routes_cli import routes_app
+from switchboard.payments_cli import notify_rules_app
 from switchboard.reconcile_cli import reconcile
 from switchboard.settings import get_settings
 
@@ -27,6 +29,12 @@ app.add_typer(providers_app, name="providers")
 app.add_typer(dlq_app, name="dlq")
 app.add_typer(ledger_app, name="ledger")
 app.command("reconcile")(reconcile)
+payments_app = typer.Typer(
+    help="Payments administration (reads and writes SWITCHBOARD_DATABASE_URL).", no_args_is_help=True
+)
+payments_app.add_typer(routes_app, name="routes")
+payments_app.add_typer(notify_rules_app, name="notify-rules")
+app.add_typer(payments_app, name="payments")
 console = Console()
 
 
@@ -100,6 +108,24 @@ def worker(
     _run(run_worker_process(settings, channels))
 
 
+@app.command("payment-worker")
+def payment_worker() -> None:
+    """Run the payment worker (payments.commands -> processors) and the payment janitor."""
+    from payments.worker import run_payment_worker_process
+
+    _setup()
+    _run(run_payment_worker_process(get_settings()))
+
+
+@app.command("payment-notifier")
+def payment_notifier() -> None:
+    """Run the payment event notifier (payments.events -> tenant rules -> notifications)."""
+    from payments.event_notifier import run_event_notifier
+
+    _setup()
+    _run(run_event_notifier(get_settings()))
+
+
 @app.command("smtp-sink")
 def smtp_sink(
     maildir: Annotated[Path, typer.Option(help="Maildir folder")],
@@ -119,8 +145,12 @@ def fakes(
     twilio_token_file: Annotated[Path, typer.Option(help="file holding the fake Twilio auth token")],
     service_account: Annotated[Path, typer.Option(help="service-account JSON the fake FCM accepts")],
     journal_dir: Annotated[Path, typer.Option(help="where accepted requests are appended")],
+    stripe_port: Annotated[int, typer.Option(help="fake Stripe port (0: none)")] = 0,
+    stripe_key_file: Annotated[
+        Path | None, typer.Option(help="file holding the fake Stripe secret key")
+    ] = None,
 ) -> None:
-    """Run the dev stack's fake Twilio and FCM (+ OAuth2) on loopback."""
+    """Run the dev stack's fake Twilio, FCM (+ OAuth2) and Stripe on loopback."""
     from switchboard.fakes.dev import DevFakes, run_dev_fakes
 
     _setup()
@@ -131,6 +161,8 @@ def fakes(
             twilio_auth_token=twilio_token_file.read_text(encoding="utf-8").strip(),
             service_account_path=service_account,
             journal_dir=journal_dir,
+            stripe_port=stripe_port,
+            stripe_secret_key=stripe_key_file.read_text(encoding="utf-8").strip() if stripe_key_file else "",
         )
     )
 

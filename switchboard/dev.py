@@ -142,6 +142,10 @@ class DevStack:
                     str(fakes.service_account_path),
                     "--journal-dir",
                     str(fakes.journal_dir),
+                    "--stripe-port",
+                    str(fakes.stripe_port),
+                    "--stripe-key-file",
+                    str(data_dir / "fake-stripe-key"),
                 ],
             ),
             ChildProcess(
@@ -177,6 +181,7 @@ class DevStack:
                 wait_for_port(s.smtp_host, s.smtp_port, 15, child.process)
             if child.name == "fakes":
                 wait_for_port("127.0.0.1", fakes.fcm_port, 15, child.process)
+                wait_for_port("127.0.0.1", fakes.stripe_port, 15, child.process)
         host, _, port = self.grpc_addr.rpartition(":")
         wait_for_port(host.strip("[]") or "127.0.0.1", int(port), 30, self.children[1].process)
 
@@ -191,12 +196,15 @@ class DevStack:
             account = make_service_account(f"{fcm_base}/token", DEV_FCM_PROJECT)
             account_path.touch(mode=0o600)
             account_path.write_text(json.dumps(account), encoding="utf-8")
+        stripe_key = dev_secret(data_dir / "fake-stripe-key", lambda: "sk_test_" + secrets.token_hex(24))
         return DevFakes(
             twilio_port=s.dev_twilio_port,
             fcm_port=s.dev_fcm_port,
             twilio_auth_token=token,
             service_account_path=account_path,
             journal_dir=data_dir / "fakes",
+            stripe_port=s.dev_stripe_port,
+            stripe_secret_key=stripe_key,
         )
 
     def exited_child(self) -> ChildProcess | None:
@@ -238,8 +246,10 @@ class DevStack:
             ("Mail lands in (Maildir)", str(self.maildir)),
             ("SMS/push sandbox (tenants without providers)", str(self.sandbox_dir)),
             (
-                "Fake Twilio / FCM",
-                f"{self.fakes.twilio_base_url} / {self.fakes.fcm_base_url}" if self.fakes else "-",
+                "Fake Twilio / FCM / Stripe",
+                f"{self.fakes.twilio_base_url} / {self.fakes.fcm_base_url} / {self.fakes.stripe_base_url}"
+                if self.fakes
+                else "-",
             ),
             ("Logs", str(self.log_dir)),
             ("Admin token (SWITCHBOARD_ADMIN_TOKEN)", str(self.settings.data_dir.resolve() / "admin-token")),

@@ -29,6 +29,9 @@ class Settings(BaseSettings):
     )
     kafka_bootstrap: str | None = Field(default=None, description="Kafka bootstrap servers, host:port[,...]")
     grpc_addr: str = Field(default="127.0.0.1:50051", description="gRPC listen address host:port")
+    webhook_addr: str = Field(
+        default="127.0.0.1:8081", description="processor webhook HTTP listen address host:port"
+    )
     gateway_processes: int = Field(
         default=1,
         ge=1,
@@ -117,6 +120,30 @@ class Settings(BaseSettings):
         default=50, ge=1, description="longest a worker's fetch waits at the broker for new messages"
     )
 
+    # Payment worker and janitor (payments/execution.py, docs/payments.md "Execution").
+    payment_lookup_schedule_s: str = Field(
+        default="300,3600,86400",
+        pattern=r"^\s*\d+(\.\d+)?\s*(,\s*\d+(\.\d+)?\s*)*$",
+        description="waits (s) before the 1st, 2nd, ... lookup of an UNKNOWN operation; the last repeats",
+    )
+    payment_lookup_after_s: float = Field(
+        default=60.0,
+        gt=0,
+        description="lease of a processor call in flight; must exceed the processor timeout (30 s)",
+    )
+    payment_retry_max_sends: int = Field(
+        default=3, ge=1, description="sends of one request on 'not processed'"
+    )
+    payment_retry_base_ms: int = Field(default=200, ge=1)
+    payment_retry_max_ms: int = Field(default=2_000, ge=1, description="longest in-lane wait between sends")
+    payment_breaker_failure_threshold: int = Field(default=5, ge=1)
+    payment_breaker_cool_down_s: float = Field(default=30.0, gt=0)
+    payment_breaker_wait_max_s: float = Field(
+        default=900.0, gt=0, description="a payment waits this long for an open breaker, then is tried anyway"
+    )
+    payment_janitor_interval_s: float = Field(default=10.0, gt=0)
+    payment_janitor_batch_size: int = Field(default=100, ge=1, le=10_000)
+
     # Signed status callbacks (dispatched by the relay process).
     callback_batch_size: int = Field(default=100, ge=1)
     callback_max_attempts: int = Field(default=10, ge=1)
@@ -137,6 +164,7 @@ class Settings(BaseSettings):
     dev_kafka_port: int = Field(default=19092, ge=1, le=65535)
     dev_twilio_port: int = Field(default=18081, ge=1, le=65535, description="the dev stack's fake Twilio")
     dev_fcm_port: int = Field(default=18082, ge=1, le=65535, description="the dev stack's fake FCM + OAuth2")
+    dev_stripe_port: int = Field(default=18083, ge=1, le=65535, description="the dev stack's fake Stripe")
 
     # Shutdown.
     shutdown_grace_s: float = Field(
