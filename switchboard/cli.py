@@ -191,8 +191,10 @@ def dev() -> None:
 def demo(
     timeout: Annotated[float, typer.Option(help="seconds to wait for every delivery")] = 60.0,
 ) -> None:
-    """Start the dev stack, send one notification on every channel, print where each landed."""
+    """Start the dev stack, send one notification on every channel, take one payment
+    (fake Stripe) with its receipt email, and print where everything landed."""
     from switchboard.demo import demo_api_key, print_result, send_and_wait
+    from switchboard.demo_payment import configure_payments, print_payment, take_payment
     from switchboard.dev import DevStack
     from switchboard.notify.v1 import notify_pb2
 
@@ -203,18 +205,38 @@ def demo(
         stack.start()
         for what, where in stack.describe():
             console.print(f"  {what}: {where}")
-        api_key = asyncio.run(demo_api_key(stack))
+        tenant_id, api_key = asyncio.run(demo_api_key(stack))
+        asyncio.run(configure_payments(stack, tenant_id))
         result = asyncio.run(send_and_wait(stack, api_key, timeout))
+        payment = asyncio.run(take_payment(stack, api_key, tenant_id, timeout))
     finally:
         stack.stop()
     print_result(console, result)
+    print_payment(console, payment)
+    ok = True
     if result.ok:
         console.print(f"[green]every delivery DELIVERED in {result.elapsed_s:.2f} s[/green]")
-        return
-    failed = [d for d in result.notification.deliveries if d.status != notify_pb2.DELIVERY_STATUS_DELIVERED]
-    reasons = "; ".join(f"{d.delivery_id}: {d.last_error or 'not final before the timeout'}" for d in failed)
-    console.print(f"[red]not every delivery was DELIVERED: {reasons}[/red]", highlight=False)
-    raise typer.Exit(1)
+    else:
+        ok = False
+        failed = [
+            d for d in result.notification.deliveries if d.status != notify_pb2.DELIVERY_STATUS_DELIVERED
+        ]
+        reasons = "; ".join(
+            f"{d.delivery_id}: {d.last_error or 'not final before the timeout'}" for d in failed
+        )
+        console.print(f"[red]not every delivery was DELIVERED: {reasons}[/red]", highlight=False)
+    if payment.ok:
+        console.print(
+            f"[green]payment SUCCEEDED, receipt sent, ledger balanced and verified in "
+            f"{payment.elapsed_s:.2f} s[/green]"
+        )
+    else:
+        ok = False
+        console.print(
+            f"[red]the payment demo did not complete: {payment.payment.failure_message or payment}[/red]"
+        )
+    if not ok:
+        raise typer.Exit(1)
 
 
 def main() -> None:

@@ -50,9 +50,9 @@ class DemoResult:
         )
 
 
-async def demo_api_key(stack: DevStack) -> str:
+async def demo_api_key(stack: DevStack) -> tuple[str, str]:
     """Through the admin API: create the demo tenant if missing, give it its own
-    SMTP provider (the dev sink, sealed like any tenant's) and return a new API key."""
+    providers (sealed like any tenant's) and return its id and a new API key."""
     metadata = (("authorization", f"Bearer {stack.admin_token}"),)
     async with grpc.aio.insecure_channel(stack.grpc_addr) as channel:
         admin = tenants_pb2_grpc.TenantAdminServiceStub(channel)
@@ -120,7 +120,7 @@ async def demo_api_key(stack: DevStack) -> str:
         key = await admin.CreateApiKey(
             tenants_pb2.CreateApiKeyRequest(tenant_id=tenant_id), metadata=metadata
         )
-        return key.secret
+        return tenant_id, key.secret
 
 
 def find_in_maildir(maildir: Path, delivery_id: str) -> str:

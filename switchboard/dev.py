@@ -163,6 +163,8 @@ class DevStack:
             ChildProcess("gateway", ["gateway"]),
             ChildProcess("relay", ["relay"]),
             ChildProcess("worker", ["worker"]),
+            ChildProcess("payment-worker", ["payment-worker"]),
+            ChildProcess("payment-notifier", ["payment-notifier"]),
         ]
         env = self.child_env()
         for child in self.children:

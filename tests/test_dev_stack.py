@@ -72,9 +72,17 @@ def test_demo_delivers_every_channel_and_leaves_nothing_running(tmp_path: Path) 
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("DELIVERED") >= 3
     assert "every delivery DELIVERED" in result.stdout
-    mails = list((data_dir / "maildir" / "new").iterdir())
-    assert len(mails) == 1
-    assert "Subject: Hello from Switchboard" in mails[0].read_text()
+    assert "payment SUCCEEDED, receipt sent, ledger balanced and verified" in result.stdout
+    mails = sorted(path.read_text() for path in (data_dir / "maildir" / "new").iterdir())
+    assert len(mails) == 2  # the notification's email and the payment's receipt
+    assert sum("Subject: Hello from Switchboard" in mail for mail in mails) == 1
+    assert sum("Subject: Your receipt: 25.00 EUR" in mail for mail in mails) == 1
+    # The payment went through the real Stripe connector to the fake Stripe, with the attempt's key.
+    stripe = [json.loads(line) for line in (data_dir / "fakes" / "stripe.jsonl").read_text().splitlines()]
+    charges = [r for r in stripe if r["method"] == "POST" and r["path"] == "/v1/payment_intents"]
+    assert len(charges) == 1
+    assert charges[0]["body"]["amount"] == "2500"
+    assert charges[0]["body"]["currency"] == "eur"
     # SMS and push went through the real Twilio and FCM provider code to the dev fakes.
     twilio = [json.loads(line) for line in (data_dir / "fakes" / "twilio.jsonl").read_text().splitlines()]
     fcm = [json.loads(line) for line in (data_dir / "fakes" / "fcm.jsonl").read_text().splitlines()]
