@@ -117,6 +117,15 @@ def payment_worker() -> None:
     _run(run_payment_worker_process(get_settings()))
 
 
+@app.command()
+def webhooks() -> None:
+    """Run the processor webhook endpoint (SWITCHBOARD_WEBHOOK_ADDR): Stripe and Adyen events in."""
+    from payments.webhooks import run_webhook_server
+
+    _setup()
+    _run(run_webhook_server(get_settings()))
+
+
 @app.command("payment-notifier")
 def payment_notifier() -> None:
     """Run the payment event notifier (payments.events -> tenant rules -> notifications)."""
