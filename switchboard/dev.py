@@ -165,6 +165,7 @@ class DevStack:
             ChildProcess("worker", ["worker"]),
             ChildProcess("payment-worker", ["payment-worker"]),
             ChildProcess("payment-notifier", ["payment-notifier"]),
+            ChildProcess("webhooks", ["webhooks"]),
         ]
         env = self.child_env()
         for child in self.children:
@@ -252,6 +253,10 @@ class DevStack:
                 f"{self.fakes.twilio_base_url} / {self.fakes.fcm_base_url} / {self.fakes.stripe_base_url}"
                 if self.fakes
                 else "-",
+            ),
+            (
+                "Processor webhooks",
+                f"http://{self.settings.webhook_addr}/webhooks/<stripe|adyen>/<tenant id>",
             ),
             ("Logs", str(self.log_dir)),
             ("Admin token (SWITCHBOARD_ADMIN_TOKEN)", str(self.settings.data_dir.resolve() / "admin-token")),

@@ -33,6 +33,8 @@ def stack_env(data_dir: Path) -> dict[str, str]:
         SWITCHBOARD_SMTP_PORT=str(free_port()),
         SWITCHBOARD_DEV_TWILIO_PORT=str(free_port()),
         SWITCHBOARD_DEV_FCM_PORT=str(free_port()),
+        SWITCHBOARD_DEV_STRIPE_PORT=str(free_port()),
+        SWITCHBOARD_WEBHOOK_ADDR=f"127.0.0.1:{free_port()}",
     )
     return env
 
