@@ -26,7 +26,8 @@ Every function follows the same three steps:
    outcome, the payment's transition (:func:`payments.store.record_transition`),
    the ledger journal (:func:`payments.ledger.post_journal`, same transaction)
    and the ``PaymentEvent`` in the outbox (:mod:`payments.events`, same
-   transaction).
+   transaction), all written by :mod:`payments.outcomes` (which processor
+   webhooks record their outcomes with too).
 
 **Idempotent consumer.** A command for a payment already past its step finds
 nothing to claim and returns :attr:`Outcome.SKIPPED`. A charge attempt left
@@ -109,7 +110,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
-from typing import Final, Generic, Literal, Protocol, TypeVar
+from typing import Final, Generic, Protocol, TypeVar
 
 import asyncpg
 import structlog
@@ -118,8 +119,22 @@ import uuid6
 from channels.catalog import payment_commands_topic
 from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
 from payments import store
-from payments.events import publish_payment_event
-from payments.ledger import JournalKind, capture_postings, post_journal, refund_postings
+from payments.outcomes import (
+    OPEN_ATTEMPT_PAYMENT_STATUS,
+    OPERATION_TABLES,
+    ChargeAttempt,
+    Operation,
+    OperationKind,
+    clip,
+    fail_attempt,
+    move_operation,
+    publish_event,
+    record_canceled,
+    record_charged,
+    record_declined,
+    record_operation_failed,
+    record_operation_succeeded,
+)
 from payments.processor import (
     AmbiguousProcessorError,
     CaptureMethod,
@@ -142,8 +157,6 @@ from payments.state_machine import (
     PaymentStatus,
     PaymentTrigger,
     RefundStatus,
-    event_type_for,
-    next_status,
 )
 from switchboard.db.pool import Connection
 from switchboard.payments.v1 import events_pb2
@@ -163,8 +176,6 @@ T = TypeVar("T")
 IN_PROGRESS_CODES: Final = frozenset({"idempotency_key_in_use", "lock_timeout", "conflict", "704"})
 #: The processor name of the attempt recorded when a payment has no processor to go to.
 NO_PROCESSOR: Final = "none"
-#: Longest failure text stored (characters).
-MAX_TEXT_CHARS: Final = 1000
 #: At most this many attempts one call drives (each at a processor not tried yet).
 MAX_ATTEMPTS_PER_CALL: Final = 32
 #: Shortest deferral of a command while breakers are open, seconds.
@@ -317,10 +328,6 @@ class Outcome(enum.StrEnum):
     NEEDS_OPERATOR = "needs_operator"
 
 
-def _text(value: object) -> str:
-    return str(value)[:MAX_TEXT_CHARS]
-
-
 def charge_request(payment: store.PaymentRow, attempt_no: int) -> ChargeRequest:
     """The processor request of ``payment``'s attempt ``attempt_no`` (a pure function of the
     stored payment, so a lookup replays exactly what the attempt sent)."""
@@ -364,35 +371,6 @@ async def enqueue_command(
         command.SerializeToString(),
         available_at,
         OUTBOX_NOTIFY_CHANNEL,
-    )
-
-
-async def _event(
-    ex: Executor,
-    conn: Connection,
-    payment: store.PaymentRow,
-    previous: PaymentStatus,
-    trigger: PaymentTrigger,
-    *,
-    attempt_no: int = 0,
-    capture_id: uuid.UUID | None = None,
-    refund_id: uuid.UUID | None = None,
-) -> None:
-    """Enqueue the PaymentEvent ``trigger`` causes in ``previous`` (if any) in this transaction."""
-    event_type = event_type_for(previous, trigger)
-    if event_type is None:
-        return
-    await publish_payment_event(
-        conn,
-        ex.topic_prefix,
-        payment.tenant_id,
-        payment.id,
-        event_type,
-        previous,
-        ex.clock(),
-        attempt_no=attempt_no,
-        capture_id=capture_id,
-        refund_id=refund_id,
     )
 
 
@@ -473,10 +451,7 @@ class _Send:
 
 
 @dataclass(frozen=True)
-class _Attempt:
-    attempt_no: int
-    status: AttemptStatus
-    processor: str
+class _Attempt(ChargeAttempt):
     next_lookup_at: datetime | None
     lookups: int
     sends: int
@@ -642,7 +617,9 @@ async def _start_next_attempt(
             failure_code="no_processor",
             failure_message=message,
         )
-        await _event(ex, conn, payment, _P.PROCESSING, PaymentTrigger.ATTEMPT_FAILED, attempt_no=attempt_no)
+        await publish_event(
+            conn, ex, payment, _P.PROCESSING, PaymentTrigger.ATTEMPT_FAILED, attempt_no=attempt_no
+        )
         return Outcome.FAILED
     detail = f"processor {pick.name}" if not tried else f"failover to {pick.name}"
     attempt_no = await store.start_attempt(conn, payment, pick.name, detail=detail)
@@ -726,83 +703,29 @@ async def _apply_charged(
     attempt: _Attempt,
     answer: ProcessorPayment,
 ) -> Outcome:
-    """The attempt charged or authorized (PENDING or UNKNOWN before): record it, post the journal."""
-    from_unknown = attempt.status is _A.UNKNOWN
-    await store.finish_attempt(
-        conn,
-        payment.tenant_id,
-        payment.id,
-        attempt.attempt_no,
-        _O.RESOLVED_SUCCEEDED if from_unknown else _O.SUCCEEDED,
-        processor_reference=answer.processor_reference,
-    )
+    """The attempt charged or authorized (PENDING or UNKNOWN before): record it
+    (:func:`payments.outcomes.record_charged`: journal, event)."""
+    captured: int | None = None  # an authorization (manual capture) captures nothing
     if answer.status is ProcessorStatus.SUCCEEDED:
-        trigger = PaymentTrigger.RESOLVED_SUCCEEDED if from_unknown else PaymentTrigger.ATTEMPT_SUCCEEDED
         captured = answer.amount_captured_minor
         if not 0 < captured <= payment.amount_minor:
             captured = payment.amount_minor
-        await store.record_transition(
-            conn,
-            payment.tenant_id,
-            payment.id,
-            payment.status,
-            _P.SUCCEEDED,
-            trigger,
-            attempt_no=attempt.attempt_no,
-            amount_captured_minor=captured,
-        )
-        await post_journal(
-            conn,
-            payment.tenant_id,
-            kind=JournalKind.CAPTURE,
-            payment_id=payment.id,
-            reference=answer.processor_reference[:200],
-            idempotency_key=f"capture:{payment.id}",
-            postings=capture_postings(attempt.processor, captured, payment.currency),
-        )
-        await _event(ex, conn, payment, payment.status, trigger, attempt_no=attempt.attempt_no)
-        return Outcome.SUCCEEDED
-    trigger = PaymentTrigger.RESOLVED_REQUIRES_CAPTURE if from_unknown else PaymentTrigger.ATTEMPT_AUTHORIZED
-    await store.record_transition(
+    await record_charged(
         conn,
-        payment.tenant_id,
-        payment.id,
-        payment.status,
-        _P.REQUIRES_CAPTURE,
-        trigger,
-        attempt_no=attempt.attempt_no,
+        ex,
+        payment,
+        attempt,
+        processor_reference=answer.processor_reference,
+        amount_captured_minor=captured,
     )
-    await _event(ex, conn, payment, payment.status, trigger, attempt_no=attempt.attempt_no)
-    return Outcome.REQUIRES_CAPTURE
+    return Outcome.REQUIRES_CAPTURE if captured is None else Outcome.SUCCEEDED
 
 
 async def _apply_declined(
     ex: Executor, conn: Connection, payment: store.PaymentRow, attempt: _Attempt, code: str, message: str
 ) -> Outcome:
     """The attempt was declined (PENDING or UNKNOWN before): payment FAILED, no failover."""
-    from_unknown = attempt.status is _A.UNKNOWN
-    await store.finish_attempt(
-        conn,
-        payment.tenant_id,
-        payment.id,
-        attempt.attempt_no,
-        _O.RESOLVED_FAILED if from_unknown else _O.FAILED,
-        failure_code=_text(code),
-        failure_message=_text(message),
-    )
-    trigger = PaymentTrigger.RESOLVED_FAILED if from_unknown else PaymentTrigger.ATTEMPT_FAILED
-    await store.record_transition(
-        conn,
-        payment.tenant_id,
-        payment.id,
-        payment.status,
-        _P.FAILED,
-        trigger,
-        attempt_no=attempt.attempt_no,
-        failure_code=_text(code),
-        failure_message=_text(message),
-    )
-    await _event(ex, conn, payment, payment.status, trigger, attempt_no=attempt.attempt_no)
+    await record_declined(conn, ex, payment, attempt, code, message)
     return Outcome.FAILED
 
 
@@ -817,34 +740,13 @@ async def _apply_not_charged(
 ) -> _Send | Outcome:
     """The attempt definitely did not charge and the processor is at fault: attempt FAILED and,
     in the same transaction, a failover attempt at the next processor (else payment FAILED)."""
-    from_unknown = attempt.status is _A.UNKNOWN
-    await store.finish_attempt(
-        conn,
-        payment.tenant_id,
-        payment.id,
-        attempt.attempt_no,
-        _O.RESOLVED_FAILED if from_unknown else _O.FAILED,
-        failure_code=_text(code),
-        failure_message=_text(message),
-    )
-    trigger = PaymentTrigger.RESOLVED_FAILED if from_unknown else PaymentTrigger.ATTEMPT_FAILED
-    await store.record_transition(
-        conn,
-        payment.tenant_id,
-        payment.id,
-        payment.status,
-        _P.FAILED,
-        trigger,
-        attempt_no=attempt.attempt_no,
-        failure_code=_text(code),
-        failure_message=_text(message),
-    )
+    trigger = await fail_attempt(conn, payment, attempt, code, message)
     failed = await store.lock_payment(conn, payment.tenant_id, payment.id)
     assert failed is not None
     following = await _start_next_attempt(ex, conn, failed, await _tried(conn, failed), usable)
     if following is not None:
         return following  # no payment.failed: a failover attempt follows in this transaction
-    await _event(ex, conn, payment, payment.status, trigger, attempt_no=attempt.attempt_no)
+    await publish_event(conn, ex, payment, payment.status, trigger, attempt_no=attempt.attempt_no)
     return Outcome.FAILED
 
 
@@ -859,8 +761,8 @@ async def _apply_unknown(
         payment.id,
         attempt.attempt_no,
         _O.AMBIGUOUS,
-        failure_code=_text(code),
-        failure_message=_text(message),
+        failure_code=clip(code),
+        failure_message=clip(message),
         next_lookup_at=due,
     )
     await _set_attempt_lease(conn, payment, attempt.attempt_no, due, lookups=1)
@@ -872,10 +774,10 @@ async def _apply_unknown(
         _P.UNKNOWN,
         PaymentTrigger.ATTEMPT_UNKNOWN,
         attempt_no=attempt.attempt_no,
-        detail=_text(message),
+        detail=clip(message),
     )
-    await _event(
-        ex, conn, payment, _P.PROCESSING, PaymentTrigger.ATTEMPT_UNKNOWN, attempt_no=attempt.attempt_no
+    await publish_event(
+        conn, ex, payment, _P.PROCESSING, PaymentTrigger.ATTEMPT_UNKNOWN, attempt_no=attempt.attempt_no
     )
     return Outcome.UNKNOWN
 
@@ -904,7 +806,7 @@ async def _record_processing(
     return Outcome.PROCESSING
 
 
-_EXPECTED_PAYMENT = {_A.PENDING: _P.PROCESSING, _A.UNKNOWN: _P.UNKNOWN}
+_EXPECTED_PAYMENT = OPEN_ATTEMPT_PAYMENT_STATUS
 
 
 async def _apply_answer(
@@ -1060,37 +962,22 @@ async def resolve_attempt(
 
 # --- captures and refunds -------------------------------------------------------------------------
 
-OperationKind = Literal["capture", "refund"]
-_OP_TABLE: Final[dict[str, str]] = {"capture": "payment_captures", "refund": "payment_refunds"}
-# Table names are the two constants above; every value is a bind parameter.
+# Table names are the constants of payments.outcomes.OPERATION_TABLES; every value is a bind parameter.
 _OP_SELECT: Final = {
     kind: f"""SELECT status, amount_minor, next_lookup_at, lookups, created_at, processor_reference
                 FROM {table} WHERE id = $1 AND payment_id = $2 AND tenant_id = $3 FOR UPDATE"""  # noqa: S608
-    for kind, table in _OP_TABLE.items()
-}
-_OP_UPDATE: Final = {
-    kind: f"""UPDATE {table}
-                 SET status = $4, processor_reference = coalesce($5, processor_reference),
-                     failure_code = coalesce($6, failure_code),
-                     failure_message = coalesce($7, failure_message),
-                     next_lookup_at = $8, lookups = coalesce($9, lookups), updated_at = now()
-               WHERE id = $1 AND payment_id = $2 AND tenant_id = $3"""  # noqa: S608
-    for kind, table in _OP_TABLE.items()
+    for kind, table in OPERATION_TABLES.items()
 }
 _OP_RENEW: Final = {
     kind: f"""UPDATE {table} SET next_lookup_at = $5
                WHERE id = $1 AND payment_id = $2 AND tenant_id = $3 AND next_lookup_at = $4
            RETURNING true"""  # noqa: S608
-    for kind, table in _OP_TABLE.items()
+    for kind, table in OPERATION_TABLES.items()
 }
 
 
 @dataclass(frozen=True)
-class _Op:
-    kind: OperationKind
-    id: uuid.UUID
-    status: CaptureStatus | RefundStatus
-    amount_minor: int
+class _Op(Operation):
     next_lookup_at: datetime | None
     lookups: int
     created_at: datetime
@@ -1117,37 +1004,21 @@ async def _lock_op(
     )
 
 
-async def _move_op(
-    conn: Connection,
-    payment: store.PaymentRow,
-    op: _Op,
-    event: OperationTrigger | None,
-    *,
-    next_lookup_at: datetime | None,
-    processor_reference: str | None = None,
-    failure_code: str | None = None,
-    failure_message: str | None = None,
-    lookups: int | None = None,
-) -> _Op:
-    """Apply ``event`` (None: keep the status) to a locked capture/refund and set its lookup time."""
-    status = op.status if event is None else next_status(op.status, event)
-    await conn.execute(
-        _OP_UPDATE[op.kind],
-        op.id,
-        payment.id,
-        payment.tenant_id,
-        status.value,
-        processor_reference,
-        failure_code,
-        failure_message,
-        next_lookup_at,
-        lookups,
+async def _refuse_op(
+    conn: Connection, payment: store.PaymentRow, op: _Op, code: str, message: str
+) -> Outcome:
+    """Fail a PENDING capture or refund without sending it (PENDING -> PROCESSING -> FAILED)."""
+    started = await move_operation(conn, payment, op, _O.STARTED, next_lookup_at=None)
+    await move_operation(
+        conn,
+        payment,
+        replace(op, status=started),
+        _O.FAILED,
+        next_lookup_at=None,
+        failure_code=code,
+        failure_message=message,
     )
-    await conn.execute("UPDATE payments SET updated_at = now() WHERE id = $1", payment.id)
-    await store.notify_payment_changed(conn, payment.id)
-    return replace(
-        op, status=status, next_lookup_at=next_lookup_at, lookups=op.lookups if lookups is None else lookups
-    )
+    return Outcome.FAILED
 
 
 @dataclass(frozen=True)
@@ -1186,7 +1057,7 @@ async def _begin_op(
             if op.next_lookup_at != claimed:
                 return Outcome.SKIPPED
             if (now - op.created_at).total_seconds() > ex.policy.replay_window_s:
-                await _move_op(conn, payment, op, None, next_lookup_at=None)
+                await move_operation(conn, payment, op, None, next_lookup_at=None)
                 log.error(
                     "payment operation past the replay window: resolve it by hand (webhook, report)",
                     payment_id=str(payment_id),
@@ -1200,17 +1071,7 @@ async def _begin_op(
         if payment.status is not needs:
             if op.status.value == "pending":
                 code = f"payment_not_{'capturable' if kind == 'capture' else 'refundable'}"
-                started = await _move_op(conn, payment, op, _O.STARTED, next_lookup_at=None)
-                await _move_op(
-                    conn,
-                    payment,
-                    started,
-                    _O.FAILED,
-                    next_lookup_at=None,
-                    failure_code=code,
-                    failure_message=f"the payment is {payment.status.value}",
-                )
-                return Outcome.FAILED
+                return await _refuse_op(conn, payment, op, code, f"the payment is {payment.status.value}")
             return Outcome.SKIPPED
         if kind == "refund" and op.status.value == "pending":
             sent = await conn.fetchval(
@@ -1222,26 +1083,18 @@ async def _begin_op(
                 op_id,
             )
             if int(sent) + op.amount_minor > payment.amount_captured_minor:
-                started = await _move_op(conn, payment, op, _O.STARTED, next_lookup_at=None)
-                await _move_op(
-                    conn,
-                    payment,
-                    started,
-                    _O.FAILED,
-                    next_lookup_at=None,
-                    failure_code="refund_exceeds_captured",
-                    failure_message=(
-                        f"refunds sent or done ({int(sent)}) plus this one ({op.amount_minor}) exceed the "
-                        f"captured {payment.amount_captured_minor} minor units"
-                    ),
+                message = (
+                    f"refunds sent or done ({int(sent)}) plus this one ({op.amount_minor}) exceed the "
+                    f"captured {payment.amount_captured_minor} minor units"
                 )
+                outcome = await _refuse_op(conn, payment, op, "refund_exceeds_captured", message)
                 log.error(
                     "refund refused at execution: would exceed the captured amount", refund_id=str(op_id)
                 )
-                return Outcome.FAILED
+                return outcome
         event = _O.STARTED if op.status.value == "pending" else None
-        op = await _move_op(conn, payment, op, event, next_lookup_at=lease)
-        return _OpSend(payment, op, lease, fresh)
+        status = await move_operation(conn, payment, op, event, next_lookup_at=lease)
+        return _OpSend(payment, replace(op, status=status, next_lookup_at=lease), lease, fresh)
 
 
 async def _send_op(ex: Executor, send: _OpSend) -> tuple[_Call[ProcessorPayment | ProcessorRefund], _OpSend]:
@@ -1266,65 +1119,6 @@ async def _send_op(ex: Executor, send: _OpSend) -> tuple[_Call[ProcessorPayment 
 
     result = await _call_with_retries(ex, call, renew)
     return result, replace(send, lease=lease[0])
-
-
-async def _apply_op_success(
-    ex: Executor, conn: Connection, payment: store.PaymentRow, op: _Op, reference: str
-) -> Outcome:
-    resolved = _O.RESOLVED_SUCCEEDED if op.status.value == "unknown" else _O.SUCCEEDED
-    await _move_op(
-        conn,
-        payment,
-        op,
-        resolved,
-        next_lookup_at=None,
-        processor_reference=reference,
-        failure_code="",
-        failure_message="",
-    )
-    if op.kind == "capture":
-        await store.record_transition(
-            conn,
-            payment.tenant_id,
-            payment.id,
-            _P.REQUIRES_CAPTURE,
-            _P.SUCCEEDED,
-            PaymentTrigger.CAPTURE_SUCCEEDED,
-            detail=f"capture {op.id}",
-            amount_captured_minor=op.amount_minor,
-        )
-        await post_journal(
-            conn,
-            payment.tenant_id,
-            kind=JournalKind.CAPTURE,
-            payment_id=payment.id,
-            reference=payment.processor_reference[:200],
-            idempotency_key=f"capture:{op.id}",
-            postings=capture_postings(payment.processor, op.amount_minor, payment.currency),
-        )
-        await _event(
-            ex, conn, payment, _P.REQUIRES_CAPTURE, PaymentTrigger.CAPTURE_SUCCEEDED, capture_id=op.id
-        )
-        return Outcome.SUCCEEDED
-    next_status(payment.status, PaymentTrigger.REFUND_SUCCEEDED)  # SUCCEEDED accepts it, without changing
-    await conn.execute(
-        """UPDATE payments SET amount_refunded_minor = amount_refunded_minor + $3, updated_at = now()
-            WHERE id = $1 AND tenant_id = $2""",
-        payment.id,
-        payment.tenant_id,
-        op.amount_minor,
-    )
-    await post_journal(
-        conn,
-        payment.tenant_id,
-        kind=JournalKind.REFUND,
-        payment_id=payment.id,
-        reference=reference[:200],
-        idempotency_key=f"refund:{op.id}",
-        postings=refund_postings(payment.processor, op.amount_minor, payment.currency),
-    )
-    await _event(ex, conn, payment, _P.SUCCEEDED, PaymentTrigger.REFUND_SUCCEEDED, refund_id=op.id)
-    return Outcome.SUCCEEDED
 
 
 async def _record_op(
@@ -1352,55 +1146,42 @@ async def _record_op(
                 processing = answer.status is ProcessorStatus.PROCESSING
                 reference = answer.processor_reference
             if done:
-                return await _apply_op_success(ex, conn, payment, op, reference)
+                await record_operation_succeeded(conn, ex, payment, op, processor_reference=reference)
+                return Outcome.SUCCEEDED
             if processing:
                 # Accepted; the processor's webhook reports the outcome (refund: keep its id).
                 keep = reference if op.kind == "refund" else None
-                await _move_op(conn, payment, op, None, next_lookup_at=None, processor_reference=keep)
+                await move_operation(conn, payment, op, None, next_lookup_at=None, processor_reference=keep)
                 return Outcome.PROCESSING
             if op.kind == "capture" and answer.status is ProcessorStatus.REQUIRES_CAPTURE:
                 result = _Call(error=AmbiguousProcessorError("capture answered but still requires capture"))
             else:
-                failed = _O.RESOLVED_FAILED if op.status.value == "unknown" else _O.FAILED
-                await _move_op(
-                    conn,
-                    payment,
-                    op,
-                    failed,
-                    next_lookup_at=None,
-                    failure_code=f"processor_{answer.status.value}",
-                    failure_message=f"the processor reports the {op.kind} {answer.status.value}",
-                )
+                code = f"processor_{answer.status.value}"
+                message = f"the processor reports the {op.kind} {answer.status.value}"
+                await record_operation_failed(conn, payment, op, code, message)
                 return Outcome.FAILED
         error = result.error
         assert error is not None
         not_done = isinstance(error, Declined) or result.proves_not_done(send.fresh)
         if not_done and not isinstance(error, RetryableProcessorError):  # refused: final
-            failed = _O.RESOLVED_FAILED if op.status.value == "unknown" else _O.FAILED
-            await _move_op(
-                conn,
-                payment,
-                op,
-                failed,
-                next_lookup_at=None,
-                failure_code=_text(error.code or "processor_error"),
-                failure_message=_text(error),
-            )
+            await record_operation_failed(conn, payment, op, error.code or "processor_error", str(error))
             return Outcome.FAILED
         due = now + timedelta(seconds=ex.policy.lookup_delay_s(op.lookups))
         if not_done:  # retries exhausted, every answer "not processed": back to PENDING, retried later
-            await _move_op(conn, payment, op, _O.RETRY_SCHEDULED, next_lookup_at=due, lookups=op.lookups + 1)
+            await move_operation(
+                conn, payment, op, _O.RETRY_SCHEDULED, next_lookup_at=due, lookups=op.lookups + 1
+            )
             return Outcome.RETRY_SCHEDULED
         event = _O.AMBIGUOUS if op.status.value == "processing" else None
-        await _move_op(
+        await move_operation(
             conn,
             payment,
             op,
             event,
             next_lookup_at=due,
             lookups=op.lookups + 1,
-            failure_code=_text(error.code or "ambiguous"),
-            failure_message=_text(error),
+            failure_code=clip(error.code or "ambiguous"),
+            failure_message=clip(error),
         )
         return Outcome.UNKNOWN
 
@@ -1516,7 +1297,9 @@ async def execute_cancel(
             return Outcome.SKIPPED
         if payment.status is _P.CANCELED and claimed is None:
             if not await _tried(conn, payment):
-                await _event(ex, conn, payment, _P.REQUIRES_PROCESSING, PaymentTrigger.CANCEL_REQUESTED)
+                await publish_event(
+                    conn, ex, payment, _P.REQUIRES_PROCESSING, PaymentTrigger.CANCEL_REQUESTED
+                )
                 return Outcome.SUCCEEDED
             return Outcome.SKIPPED
         if payment.status is not _P.REQUIRES_CAPTURE or payment.cancel_requested_at is None:
@@ -1565,17 +1348,7 @@ async def execute_cancel(
             return Outcome.SKIPPED
         answer = result.value
         if answer is not None and answer.status is ProcessorStatus.CANCELED:
-            await _set_cancel_lookup(conn, current, None)
-            await store.record_transition(
-                conn,
-                tenant_id,
-                payment_id,
-                _P.REQUIRES_CAPTURE,
-                _P.CANCELED,
-                PaymentTrigger.CANCEL_SUCCEEDED,
-                detail=_text(current.cancellation_reason),
-            )
-            await _event(ex, conn, current, _P.REQUIRES_CAPTURE, PaymentTrigger.CANCEL_SUCCEEDED)
+            await record_canceled(conn, ex, current, current.cancellation_reason)
             return Outcome.SUCCEEDED
         if answer is not None and answer.status is ProcessorStatus.PROCESSING:
             await _set_cancel_lookup(conn, current, None)
@@ -1593,8 +1366,8 @@ async def execute_cancel(
                           failure_code = $2, failure_message = $3, updated_at = now()
                     WHERE id = $1""",
                 payment_id,
-                _text(code or "cancel_refused"),
-                _text(f"cancel refused: {message}"),
+                clip(code or "cancel_refused"),
+                clip(f"cancel refused: {message}"),
             )
             await store.notify_payment_changed(conn, payment_id)
             return Outcome.FAILED

@@ -6,11 +6,12 @@ whose signature verified. Everything is scoped to the tenant whose secrets
 verified the event and to the processor that sent it.
 
 The rules are the payment worker's (payments/execution.py, "Outcome rules"),
-applied under the payment row lock (:func:`payments.store.lock_payment`) with
-the same state machine, the same ledger journals and idempotency keys and the
-same ``PaymentEvent`` ids, so whichever of the worker, the janitor and a
-webhook records an outcome first wins and the others find nothing left to do
-(the worker's record step skips an operation that is no longer open):
+applied under the payment row lock (:func:`payments.store.lock_payment`) and
+recorded by the same functions (payments/outcomes.py: state machine, ledger
+journals and idempotency keys, ``PaymentEvent`` ids), so whichever of the
+worker, the janitor and a webhook records an outcome first wins and the
+others find nothing left to do (the worker's record step skips an operation
+that is no longer open). The checks before recording are this module's:
 
 ======================  ===============================  ============================================
 notification            state found                      effect
@@ -76,8 +77,17 @@ from typing import Final
 import structlog
 
 from payments import store
-from payments.events import publish_payment_event
-from payments.ledger import JournalKind, capture_postings, post_journal, refund_postings
+from payments.outcomes import (
+    OPEN_ATTEMPT_PAYMENT_STATUS,
+    ChargeAttempt,
+    Operation,
+    clip,
+    record_canceled,
+    record_charged,
+    record_declined,
+    record_operation_failed,
+    record_operation_succeeded,
+)
 from payments.state_machine import (
     AttemptStatus,
     CaptureStatus,
@@ -86,7 +96,6 @@ from payments.state_machine import (
     PaymentStatus,
     PaymentTrigger,
     RefundStatus,
-    event_type_for,
     next_status,
 )
 from payments.webhook_events import ClaimedReferences, NotificationKind, ProcessorNotification
@@ -98,8 +107,6 @@ _P = PaymentStatus
 _A = AttemptStatus
 _O = OperationTrigger
 
-#: Longest text stored in a failure field or a transition detail (characters).
-MAX_TEXT_CHARS: Final = 1000
 #: At most this many payments are looked up for one delivery.
 MAX_LOOKUP_PAYMENTS: Final = 20
 #: The default of ``lookup_after_s`` (``SWITCHBOARD_PAYMENT_LOOKUP_AFTER_S``), seconds.
@@ -149,10 +156,6 @@ class ApplyContext:
     topic_prefix: str = ""
     lookup_after_s: float = DEFAULT_LOOKUP_AFTER_S
     clock: Callable[[], datetime] = field(default=utc_now)
-
-
-def _text(value: object) -> str:
-    return str(value)[:MAX_TEXT_CHARS]
 
 
 def _uuid(text: str) -> uuid.UUID | None:
@@ -267,7 +270,7 @@ async def _lookup_instead(
         reason=why,
         operations=count,
     )
-    return Applied(ApplyOutcome.LOOKUP_SCHEDULED, payment.id, _text(f"{why}; {count} lookup(s) scheduled"))
+    return Applied(ApplyOutcome.LOOKUP_SCHEDULED, payment.id, clip(f"{why}; {count} lookup(s) scheduled"))
 
 
 def _operator(payment: store.PaymentRow, n: ProcessorNotification, why: str) -> Applied:
@@ -280,40 +283,11 @@ def _operator(payment: store.PaymentRow, n: ProcessorNotification, why: str) -> 
         event_type=n.event_type,
         reason=why,
     )
-    return Applied(ApplyOutcome.NEEDS_OPERATOR, payment.id, _text(why))
+    return Applied(ApplyOutcome.NEEDS_OPERATOR, payment.id, clip(why))
 
 
 def _already(payment: store.PaymentRow, why: str) -> Applied:
-    return Applied(ApplyOutcome.ALREADY_APPLIED, payment.id, _text(why))
-
-
-async def _publish(
-    conn: Connection,
-    ctx: ApplyContext,
-    payment: store.PaymentRow,
-    previous: PaymentStatus,
-    trigger: PaymentTrigger,
-    *,
-    attempt_no: int = 0,
-    capture_id: uuid.UUID | None = None,
-    refund_id: uuid.UUID | None = None,
-) -> None:
-    """Enqueue the PaymentEvent ``trigger`` causes in ``previous`` (if any), in this transaction."""
-    event_type = event_type_for(previous, trigger)
-    if event_type is None:
-        return
-    await publish_payment_event(
-        conn,
-        ctx.topic_prefix,
-        payment.tenant_id,
-        payment.id,
-        event_type,
-        previous,
-        ctx.clock(),
-        attempt_no=attempt_no,
-        capture_id=capture_id,
-        refund_id=refund_id,
-    )
+    return Applied(ApplyOutcome.ALREADY_APPLIED, payment.id, clip(why))
 
 
 # --- finding what a notification is about ----------------------------------------------------------
@@ -406,10 +380,7 @@ async def apply_notification(
 
 
 @dataclass(frozen=True)
-class _Attempt:
-    attempt_no: int
-    status: AttemptStatus
-    processor: str
+class _Attempt(ChargeAttempt):
     processor_reference: str
 
 
@@ -428,7 +399,7 @@ async def _lock_attempt(conn: Connection, payment: store.PaymentRow, attempt_no:
     )
 
 
-_OPEN_ATTEMPT: Final = {_A.PENDING: _P.PROCESSING, _A.UNKNOWN: _P.UNKNOWN}
+_OPEN_ATTEMPT: Final = OPEN_ATTEMPT_PAYMENT_STATUS
 
 
 def _captured(payment: store.PaymentRow, n: ProcessorNotification) -> bool:
@@ -500,53 +471,15 @@ async def _charged(
         return await _lookup_instead(
             conn, ctx, payment, n, f"amount {amount} does not fit the payment's {payment.amount_minor}"
         )
-    from_unknown = attempt.status is _A.UNKNOWN
-    await store.finish_attempt(
+    trigger = await record_charged(
         conn,
-        payment.tenant_id,
-        payment.id,
-        attempt.attempt_no,
-        _O.RESOLVED_SUCCEEDED if from_unknown else _O.SUCCEEDED,
+        ctx,
+        payment,
+        attempt,
         processor_reference=n.payment_reference or None,
+        amount_captured_minor=amount if captured else None,
+        detail=f"{n.processor} webhook {n.event_type} {n.event_id}",
     )
-    detail = _text(f"{n.processor} webhook {n.event_type} {n.event_id}")
-    if captured:
-        trigger = PaymentTrigger.RESOLVED_SUCCEEDED if from_unknown else PaymentTrigger.ATTEMPT_SUCCEEDED
-        await store.record_transition(
-            conn,
-            payment.tenant_id,
-            payment.id,
-            payment.status,
-            _P.SUCCEEDED,
-            trigger,
-            attempt_no=attempt.attempt_no,
-            detail=detail,
-            amount_captured_minor=amount,
-        )
-        await post_journal(
-            conn,
-            payment.tenant_id,
-            kind=JournalKind.CAPTURE,
-            payment_id=payment.id,
-            reference=n.payment_reference[:200],
-            idempotency_key=f"capture:{payment.id}",
-            postings=capture_postings(attempt.processor, amount, payment.currency),
-        )
-    else:
-        trigger = (
-            PaymentTrigger.RESOLVED_REQUIRES_CAPTURE if from_unknown else PaymentTrigger.ATTEMPT_AUTHORIZED
-        )
-        await store.record_transition(
-            conn,
-            payment.tenant_id,
-            payment.id,
-            payment.status,
-            _P.REQUIRES_CAPTURE,
-            trigger,
-            attempt_no=attempt.attempt_no,
-            detail=detail,
-        )
-    await _publish(conn, ctx, payment, payment.status, trigger, attempt_no=attempt.attempt_no)
     return Applied(ApplyOutcome.APPLIED, payment.id, f"attempt {attempt.attempt_no}: {trigger.value}")
 
 
@@ -558,56 +491,23 @@ async def _declined(
     code: str,
     message: str,
 ) -> Applied:
-    from_unknown = attempt.status is _A.UNKNOWN
-    code, message = _text(code or "declined"), _text(message or "the processor reports the charge failed")
-    await store.finish_attempt(
+    trigger = await record_declined(
         conn,
-        payment.tenant_id,
-        payment.id,
-        attempt.attempt_no,
-        _O.RESOLVED_FAILED if from_unknown else _O.FAILED,
-        failure_code=code,
-        failure_message=message,
+        ctx,
+        payment,
+        attempt,
+        code or "declined",
+        message or "the processor reports the charge failed",
     )
-    trigger = PaymentTrigger.RESOLVED_FAILED if from_unknown else PaymentTrigger.ATTEMPT_FAILED
-    await store.record_transition(
-        conn,
-        payment.tenant_id,
-        payment.id,
-        payment.status,
-        _P.FAILED,
-        trigger,
-        attempt_no=attempt.attempt_no,
-        failure_code=code,
-        failure_message=message,
-    )
-    await _publish(conn, ctx, payment, payment.status, trigger, attempt_no=attempt.attempt_no)
     return Applied(ApplyOutcome.APPLIED, payment.id, f"attempt {attempt.attempt_no}: {trigger.value}")
 
 
 # --- captures and refunds ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Op:
-    table: str
-    id: uuid.UUID
-    status: CaptureStatus | RefundStatus
-    amount_minor: int
-
-
-_OP_UPDATE: Final = {
-    table: f"""UPDATE {table}
-                  SET status = $3, processor_reference = coalesce($4, processor_reference),
-                      failure_code = $5, failure_message = $6, next_lookup_at = NULL, updated_at = now()
-                WHERE id = $1 AND tenant_id = $2"""  # noqa: S608 - the table is one of two constants
-    for table in ("payment_captures", "payment_refunds")
-}
-
-
 async def _lock_capture(
     conn: Connection, payment: store.PaymentRow, capture_id: uuid.UUID | None
-) -> _Op | None:
+) -> Operation | None:
     """Capture ``capture_id`` of the payment, else its one capture that is not FAILED; locked."""
     if capture_id is not None:
         row = await conn.fetchrow(
@@ -626,10 +526,10 @@ async def _lock_capture(
         )
     if row is None:
         return None
-    return _Op("payment_captures", row["id"], CaptureStatus(row["status"]), row["amount_minor"])
+    return Operation("capture", row["id"], CaptureStatus(row["status"]), row["amount_minor"])
 
 
-async def _lock_refund(conn: Connection, payment: store.PaymentRow, refund_id: uuid.UUID) -> _Op | None:
+async def _lock_refund(conn: Connection, payment: store.PaymentRow, refund_id: uuid.UUID) -> Operation | None:
     row = await conn.fetchrow(
         """SELECT id, status, amount_minor FROM payment_refunds
             WHERE id = $1 AND payment_id = $2 AND tenant_id = $3 FOR UPDATE""",
@@ -639,43 +539,60 @@ async def _lock_refund(conn: Connection, payment: store.PaymentRow, refund_id: u
     )
     if row is None:
         return None
-    return _Op("payment_refunds", row["id"], RefundStatus(row["status"]), row["amount_minor"])
+    return Operation("refund", row["id"], RefundStatus(row["status"]), row["amount_minor"])
 
 
-async def _move_op(
-    conn: Connection,
-    payment: store.PaymentRow,
-    op: _Op,
-    success: bool,
-    *,
-    processor_reference: str | None,
-    failure_code: str = "",
-    failure_message: str = "",
-) -> None:
-    """Resolve an open (PROCESSING or UNKNOWN) capture or refund; clears its lookup."""
-    unknown = op.status.value == "unknown"
-    if success:
-        event = _O.RESOLVED_SUCCEEDED if unknown else _O.SUCCEEDED
-    else:
-        event = _O.RESOLVED_FAILED if unknown else _O.FAILED
-    status = next_status(op.status, event)
-    await conn.execute(
-        _OP_UPDATE[op.table],
-        op.id,
-        payment.tenant_id,
-        status.value,
-        processor_reference,
-        _text(failure_code),
-        _text(failure_message),
+async def _op_failed(
+    conn: Connection, payment: store.PaymentRow, op: Operation, n: ProcessorNotification
+) -> Applied:
+    """The open (PROCESSING or UNKNOWN) capture or refund ``op`` failed at the processor."""
+    await record_operation_failed(
+        conn,
+        payment,
+        op,
+        n.failure_code or f"{op.kind}_failed",
+        n.failure_message or f"the processor reports the {op.kind} failed",
+        processor_reference=n.processor_reference or None,
     )
-    await conn.execute("UPDATE payments SET updated_at = now() WHERE id = $1", payment.id)
-    await store.notify_payment_changed(conn, payment.id)
+    return Applied(ApplyOutcome.APPLIED, payment.id, f"{op.kind} {op.id} failed")
+
+
+async def _op_succeeded(
+    conn: Connection, ctx: ApplyContext, payment: store.PaymentRow, op: Operation, n: ProcessorNotification
+) -> Applied:
+    """The open (PROCESSING or UNKNOWN) capture or refund ``op`` succeeded at the processor:
+    recorded if its amount and currency are the recorded ones, else looked up instead."""
+    problem = _amount_problem(op, payment, n)
+    if problem is not None:
+        return await _lookup_instead(conn, ctx, payment, n, problem)
+    await record_operation_succeeded(
+        conn,
+        ctx,
+        payment,
+        op,
+        processor_reference=n.processor_reference or None,
+        source=f"{n.processor} webhook {n.event_id}",
+    )
+    return Applied(ApplyOutcome.APPLIED, payment.id, f"{op.kind} {op.id} succeeded")
+
+
+async def _op_not_open(
+    conn: Connection, ctx: ApplyContext, payment: store.PaymentRow, op: Operation, n: ProcessorNotification
+) -> Applied:
+    """A success or failure of capture or refund ``op`` that is not open: PENDING (waiting for a
+    retry: looked up instead), or already SUCCEEDED or FAILED (as reported, or contradicted)."""
+    status = op.status.value
+    if status == "pending":
+        return await _lookup_instead(conn, ctx, payment, n, f"{op.kind} {op.id} is waiting for a retry")
+    if (status == "succeeded") == bool(n.success):
+        return _already(payment, f"{op.kind} {op.id} already {status}")
+    return _operator(payment, n, f"{op.kind} {op.id} is {status}; the processor reports success={n.success}")
 
 
 _OPEN_OPS: Final = frozenset({"processing", "unknown"})
 
 
-def _amount_problem(op: _Op, payment: store.PaymentRow, n: ProcessorNotification) -> str | None:
+def _amount_problem(op: Operation, payment: store.PaymentRow, n: ProcessorNotification) -> str | None:
     if n.currency and n.currency != payment.currency:
         return f"currency {n.currency} is not {payment.currency}"
     if n.amount_minor != op.amount_minor:
@@ -705,48 +622,9 @@ async def _capture(
         if payment.status is not _P.REQUIRES_CAPTURE:
             return _operator(payment, n, f"capture {status} but payment {payment.status.value}")
         if not n.success:
-            await _move_op(
-                conn,
-                payment,
-                op,
-                False,
-                processor_reference=n.processor_reference or None,
-                failure_code=n.failure_code or "capture_failed",
-                failure_message=n.failure_message or "the processor reports the capture failed",
-            )
-            return Applied(ApplyOutcome.APPLIED, payment.id, f"capture {op.id} failed")
-        problem = _amount_problem(op, payment, n)
-        if problem is not None:
-            return await _lookup_instead(conn, ctx, payment, n, problem)
-        await _move_op(conn, payment, op, True, processor_reference=n.processor_reference or None)
-        await store.record_transition(
-            conn,
-            payment.tenant_id,
-            payment.id,
-            _P.REQUIRES_CAPTURE,
-            _P.SUCCEEDED,
-            PaymentTrigger.CAPTURE_SUCCEEDED,
-            detail=_text(f"capture {op.id}; {n.processor} webhook {n.event_id}"),
-            amount_captured_minor=op.amount_minor,
-        )
-        await post_journal(
-            conn,
-            payment.tenant_id,
-            kind=JournalKind.CAPTURE,
-            payment_id=payment.id,
-            reference=payment.processor_reference[:200],
-            idempotency_key=f"capture:{op.id}",
-            postings=capture_postings(payment.processor, op.amount_minor, payment.currency),
-        )
-        await _publish(
-            conn, ctx, payment, _P.REQUIRES_CAPTURE, PaymentTrigger.CAPTURE_SUCCEEDED, capture_id=op.id
-        )
-        return Applied(ApplyOutcome.APPLIED, payment.id, f"capture {op.id} succeeded")
-    if status == "pending":
-        return await _lookup_instead(conn, ctx, payment, n, f"capture {op.id} is waiting for a retry")
-    if (status == "succeeded") == bool(n.success):
-        return _already(payment, f"capture {op.id} already {status}")
-    return _operator(payment, n, f"capture {op.id} is {status}; the processor reports success={n.success}")
+            return await _op_failed(conn, payment, op, n)
+        return await _op_succeeded(conn, ctx, payment, op, n)
+    return await _op_not_open(conn, ctx, payment, op, n)
 
 
 async def _refund(
@@ -796,47 +674,13 @@ async def _refund(
         return _already(payment, f"refund {op.id} still pending at the processor")
     if status in _OPEN_OPS:
         if not n.success:
-            await _move_op(
-                conn,
-                payment,
-                op,
-                False,
-                processor_reference=n.processor_reference or None,
-                failure_code=n.failure_code or "refund_failed",
-                failure_message=n.failure_message or "the processor reports the refund failed",
-            )
-            return Applied(ApplyOutcome.APPLIED, payment.id, f"refund {op.id} failed")
+            return await _op_failed(conn, payment, op, n)
         try:
             next_status(payment.status, PaymentTrigger.REFUND_SUCCEEDED)
         except IllegalTransition:
             return _operator(payment, n, f"refund {status} but payment {payment.status.value}")
-        problem = _amount_problem(op, payment, n)
-        if problem is not None:
-            return await _lookup_instead(conn, ctx, payment, n, problem)
-        await _move_op(conn, payment, op, True, processor_reference=n.processor_reference or None)
-        await conn.execute(
-            """UPDATE payments SET amount_refunded_minor = amount_refunded_minor + $3, updated_at = now()
-                WHERE id = $1 AND tenant_id = $2""",
-            payment.id,
-            payment.tenant_id,
-            op.amount_minor,
-        )
-        await post_journal(
-            conn,
-            payment.tenant_id,
-            kind=JournalKind.REFUND,
-            payment_id=payment.id,
-            reference=n.processor_reference[:200],
-            idempotency_key=f"refund:{op.id}",
-            postings=refund_postings(payment.processor, op.amount_minor, payment.currency),
-        )
-        await _publish(conn, ctx, payment, _P.SUCCEEDED, PaymentTrigger.REFUND_SUCCEEDED, refund_id=op.id)
-        return Applied(ApplyOutcome.APPLIED, payment.id, f"refund {op.id} succeeded")
-    if status == "pending":
-        return await _lookup_instead(conn, ctx, payment, n, f"refund {op.id} is waiting for a retry")
-    if (status == "succeeded") == n.success:
-        return _already(payment, f"refund {op.id} already {status}")
-    return _operator(payment, n, f"refund {op.id} is {status}; the processor reports success={n.success}")
+        return await _op_succeeded(conn, ctx, payment, op, n)
+    return await _op_not_open(conn, ctx, payment, op, n)
 
 
 # --- cancels ----------------------------------------------------------------------------------------
@@ -860,7 +704,7 @@ async def _cancellation(
                                        updated_at = now()
                     WHERE id = $1""",
                 payment.id,
-                _text(f"cancel refused: {n.failure_message or 'the processor did not release it'}"),
+                clip(f"cancel refused: {n.failure_message or 'the processor did not release it'}"),
             )
             await store.notify_payment_changed(conn, payment.id)
             return Applied(ApplyOutcome.APPLIED, payment.id, "cancel refused: request withdrawn")
@@ -871,17 +715,8 @@ async def _cancellation(
         )
         if busy:
             return await _lookup_instead(conn, ctx, payment, n, "a capture is open or done")
-        await conn.execute("UPDATE payments SET cancel_next_lookup_at = NULL WHERE id = $1", payment.id)
-        await store.record_transition(
-            conn,
-            payment.tenant_id,
-            payment.id,
-            _P.REQUIRES_CAPTURE,
-            _P.CANCELED,
-            PaymentTrigger.CANCEL_SUCCEEDED,
-            detail=_text(payment.cancellation_reason or f"released at the processor ({n.event_type})"),
-        )
-        await _publish(conn, ctx, payment, _P.REQUIRES_CAPTURE, PaymentTrigger.CANCEL_SUCCEEDED)
+        detail = payment.cancellation_reason or f"released at the processor ({n.event_type})"
+        await record_canceled(conn, ctx, payment, detail)
         return Applied(ApplyOutcome.APPLIED, payment.id, "authorization released: canceled")
     if attempt is not None and _OPEN_ATTEMPT.get(attempt.status) is payment.status:
         return await _declined(

@@ -11,12 +11,13 @@ share that single load (one in-flight task per tenant, awaited through
 ``asyncio.shield`` so a cancelled caller does not cancel it for the others);
 a loader failure is raised to every waiting caller and nothing is cached.
 
-Storage is a :class:`cachetools.TTLCache` keyed by tenant id, the same policy
-and settings as the notification provider cache (tenants/provider_cache.py):
-at most ``provider_cache_max_tenants`` tenants, a tenant unused for
+Storage, idle expiry, release and the single load are
+:class:`tenants.tenant_cache.TenantCache`'s, the same machinery, policy and
+settings as the notification provider cache (tenants/provider_cache.py): at
+most ``provider_cache_max_tenants`` tenants, a tenant unused for
 ``provider_cache_idle_ttl_s`` seconds is dropped (every hit re-sets the item,
-so the TTL measures idle time; https://cachetools.readthedocs.io/en/stable/#cachetools.TTLCache).
-Whatever leaves the cache (size eviction, idle expiry, :meth:`~ProcessorCache.invalidate`,
+so the TTL measures idle time). Whatever leaves the cache (size eviction,
+idle expiry, :meth:`~ProcessorCache.invalidate`,
 :meth:`~ProcessorCache.invalidate_all`, :meth:`~ProcessorCache.close`) is
 released: each processor's ``aclose()`` runs in a background task (at most
 ``RELEASE_TIMEOUT_S``), so the caller's event loop is not held up.
@@ -45,7 +46,6 @@ messages or shown in reprs. Everything runs on one event loop thread.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 import uuid
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 
 import asyncpg
 import structlog
-from cachetools import TTLCache
 
 from payments.adyen import DEFAULT_BASE_URL as ADYEN_BASE_URL
 from payments.adyen import DEFAULT_RECURRING_MODEL, DEFAULT_RETURN_URL, AdyenProcessor
@@ -63,8 +62,8 @@ from payments.stripe import StripeProcessor
 from switchboard.settings import Settings
 from tenants.processor_config import ProcessorSecrets
 from tenants.processor_store import StoredProcessorConfig, list_processor_configs
-from tenants.provider_cache import CacheClosed, CacheStats
 from tenants.sealing import MasterKeyError, MasterKeyRing, SealedSecret, processor_secrets_associated_data
+from tenants.tenant_cache import CacheClosed, CacheStats, TenantCache
 
 log = structlog.get_logger(__name__)
 
@@ -258,42 +257,7 @@ class PostgresProcessorLoader:
         )
 
 
-@dataclass
-class _Load:
-    """A load in flight for one tenant, shared by every concurrent caller."""
-
-    task: asyncio.Task[TenantProcessors] | None = None
-    stale: bool = False
-
-
-class _ReleasingTTLCache(TTLCache[uuid.UUID, TenantProcessors, float]):
-    """A TTLCache that reports every item it drops on its own (size or time) to ``on_drop``."""
-
-    def __init__(
-        self,
-        maxsize: int,
-        ttl: float,
-        timer: Callable[[], float],
-        on_drop: Callable[[uuid.UUID, TenantProcessors], None],
-    ) -> None:
-        super().__init__(maxsize, ttl, timer)
-        self._on_drop = on_drop
-
-    def popitem(self) -> tuple[uuid.UUID, TenantProcessors]:
-        """Drop the least recently used tenant (cachetools calls this when full)."""
-        key, value = super().popitem()
-        self._on_drop(key, value)
-        return key, value
-
-    def expire(self, time: float | None = None) -> list[tuple[uuid.UUID, TenantProcessors]]:
-        """Drop every tenant idle for ``ttl`` seconds or more; returns the dropped pairs."""
-        expired = super().expire(time)
-        for key, value in expired:
-            self._on_drop(key, value)
-        return expired
-
-
-class ProcessorCache:
+class ProcessorCache(TenantCache[uuid.UUID, TenantProcessors, PaymentProcessor]):
     """Built payment processors per tenant, loaded on first use; see the module docstring.
 
     ``loader(tenant_id)`` returns the tenant's :class:`TenantProcessors`.
@@ -321,26 +285,14 @@ class ProcessorCache:
         idle_ttl_s: float = 3600.0,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
-        if max_tenants < 1:
-            raise ValueError(f"max_tenants must be at least 1, not {max_tenants}")
-        if not idle_ttl_s > 0:
-            raise ValueError(f"idle_ttl_s must be positive, not {idle_ttl_s}")
+        super().__init__(
+            kind="processor",
+            release=_close_processor,
+            max_tenants=max_tenants,
+            idle_ttl_s=idle_ttl_s,
+            timer=timer,
+        )
         self._loader = loader
-        self._cache = _ReleasingTTLCache(max_tenants, idle_ttl_s, timer, self._on_drop)
-        self._stats = CacheStats()
-        self._loads: dict[uuid.UUID, _Load] = {}
-        self._releases: set[asyncio.Task[None]] = set()
-        self._closed = False
-
-    @property
-    def stats(self) -> CacheStats:
-        """A snapshot of the counters."""
-        return dataclasses.replace(self._stats)
-
-    def __len__(self) -> int:
-        """The number of tenants currently cached (idle-expired ones are dropped first)."""
-        self._cache.expire()
-        return len(self._cache)
 
     # -- lookups -----------------------------------------------------------------------------
 
@@ -374,54 +326,6 @@ class ProcessorCache:
         """
         return list(self._loaded(await self._entry(tenant_id), tenant_id, name).webhook_secrets)
 
-    # -- invalidation and lifecycle ------------------------------------------------------------
-
-    def expire(self) -> int:
-        """Release every tenant idle for ``idle_ttl_s`` or more now; returns how many."""
-        return len(self._cache.expire())
-
-    def invalidate(self, tenant_id: uuid.UUID) -> None:
-        """Drop ``tenant_id``'s processors (its configuration changed) and release them.
-
-        Synchronous, for LISTEN/NOTIFY callbacks; must run on the event loop
-        thread (raises ``RuntimeError`` without a running loop). A load of this
-        tenant in flight is redone.
-        """
-        asyncio.get_running_loop()  # fail before dropping anything we could not release
-        load = self._loads.get(tenant_id)
-        if load is not None:
-            load.stale = True
-        with self._cache.timer:
-            self._cache.expire()
-            entry = self._cache.pop(tenant_id, None)
-        if entry is not None:
-            self._release(p.processor for p in entry.processors.values())
-
-    def invalidate_all(self) -> None:
-        """Drop and release every tenant's processors and redo every load in flight."""
-        asyncio.get_running_loop()
-        for load in self._loads.values():
-            load.stale = True
-        with self._cache.timer:
-            self._cache.expire()
-            entries = [self._cache.pop(tenant_id) for tenant_id in list(self._cache)]
-        for entry in entries:
-            self._release(p.processor for p in entry.processors.values())
-
-    async def drain_releases(self) -> None:
-        """Wait until every scheduled ``aclose()`` has finished (failures are logged, not raised)."""
-        while self._releases:
-            await asyncio.wait(list(self._releases))
-
-    async def close(self) -> None:
-        """Release everything and wait for it; later lookups raise :class:`CacheClosed`."""
-        self._closed = True
-        tasks = [load.task for load in self._loads.values() if load.task is not None]
-        if tasks:
-            await asyncio.wait(tasks)
-        self.invalidate_all()
-        await self.drain_releases()
-
     # -- internals -------------------------------------------------------------------------------
 
     @staticmethod
@@ -435,70 +339,27 @@ class ProcessorCache:
         raise ProcessorNotConfigured(tenant_id, name)
 
     async def _entry(self, tenant_id: uuid.UUID) -> TenantProcessors:
-        if self._closed:
-            raise CacheClosed("the processor cache is closed")
-        cache = self._cache
-        with cache.timer:  # one frozen "now" for expire, lookup and the idle-expiry refresh
-            cache.expire()
-            entry = cache.get(tenant_id)
-            if entry is not None:
-                cache[tenant_id] = entry  # re-set: expiry = now + ttl, most recently used
+        entry = self._cached(tenant_id)
         if entry is not None:
             self._stats.hits += 1
             return entry
-        self._stats.misses += 1
-        load = self._loads.get(tenant_id)
-        if load is None:
-            load = _Load()
-            load.task = asyncio.create_task(self._run_load(tenant_id, load), name="processor-load")
-            # A load whose every caller was cancelled must not log "exception never retrieved".
-            load.task.add_done_callback(_retrieve_exception)
-            self._loads[tenant_id] = load
-        assert load.task is not None
-        # shield: a cancelled caller must not cancel the load other callers wait for.
-        return await asyncio.shield(load.task)
+        return await self._load(tenant_id, tenant_id, "processor-load")
 
-    async def _run_load(self, tenant_id: uuid.UUID, load: _Load) -> TenantProcessors:
-        try:
-            while True:
-                try:
-                    entry = await self._loader(tenant_id)
-                except Exception:
-                    self._stats.load_failures += 1
-                    raise
-                self._stats.loads += 1
-                if self._closed:
-                    self._release(p.processor for p in entry.processors.values())
-                    raise CacheClosed("the processor cache was closed while loading")
-                if not load.stale:
-                    break
-                # Invalidated while loading: this may be built from the old configuration.
-                load.stale = False
-                self._release(p.processor for p in entry.processors.values())
-            with self._cache.timer:
-                self._cache.expire()
-                replaced = self._cache.pop(tenant_id, None)
-                self._cache[tenant_id] = entry  # a new tenant may evict the least recently used one
-            if replaced is not None:
-                self._release(p.processor for p in replaced.processors.values())
-            return entry
-        finally:
-            if self._loads.get(tenant_id) is load:
-                del self._loads[tenant_id]
+    # -- the TenantCache hooks ---------------------------------------------------------------------
 
-    def _on_drop(self, tenant_id: uuid.UUID, entry: TenantProcessors) -> None:
-        self._stats.evictions += 1
-        log.debug(
-            "processor cache evicted tenant", tenant_id=str(tenant_id), processors=sorted(entry.processors)
-        )
-        self._release(p.processor for p in entry.processors.values())
+    async def _build(self, key: uuid.UUID) -> TenantProcessors:
+        return await self._loader(key)
 
-    def _release(self, processors: Iterable[PaymentProcessor]) -> None:
-        loop = asyncio.get_running_loop()
-        for processor in list(processors):
-            task = loop.create_task(_close_processor(processor), name="processor-release")
-            self._releases.add(task)
-            task.add_done_callback(self._releases.discard)
+    def _merge(
+        self, current: TenantProcessors | None, loaded: TenantProcessors
+    ) -> tuple[TenantProcessors, Iterable[PaymentProcessor]]:
+        return loaded, (() if current is None else self._contents(current))
+
+    def _contents(self, entry: TenantProcessors) -> Iterable[PaymentProcessor]:
+        return (p.processor for p in entry.processors.values())
+
+    def _describe(self, entry: TenantProcessors) -> dict[str, object]:
+        return {"processors": sorted(entry.processors)}
 
 
 def processor_cache_for(
@@ -538,8 +399,3 @@ def _name(processor: PaymentProcessor) -> str:
         return str(processor.name)
     except Exception:
         return type(processor).__name__
-
-
-def _retrieve_exception(task: asyncio.Task[TenantProcessors]) -> None:
-    if not task.cancelled():
-        task.exception()
