@@ -753,8 +753,14 @@ async def _apply_not_charged(
 async def _apply_unknown(
     ex: Executor, conn: Connection, payment: store.PaymentRow, attempt: _Attempt, code: str, message: str
 ) -> Outcome:
-    """The answer was lost: attempt and payment UNKNOWN, first lookup after the first schedule step."""
-    due = ex.clock() + timedelta(seconds=ex.policy.lookup_delay_s(0))
+    """The answer was lost: attempt and payment UNKNOWN, first lookup after the first schedule step.
+
+    Never before the send's lease ends (``lookup_after_s``): a lookup while the
+    request may still be executing at the processor could miss a charge in
+    progress and fail the payment over to a second processor.
+    """
+    first_s = max(ex.policy.lookup_delay_s(0), ex.policy.lookup_after_s)
+    due = ex.clock() + timedelta(seconds=first_s)
     await store.finish_attempt(
         conn,
         payment.tenant_id,
