@@ -10,7 +10,6 @@ Exit codes: 0 success (every chain verified), 1 at least one chain is broken
 
 from __future__ import annotations
 
-import asyncio
 import uuid
 from collections import defaultdict
 from collections.abc import Awaitable, Callable
@@ -24,7 +23,7 @@ from rich.table import Table
 
 from payments.ledger import AccountBalance, account_balances, resolve_tenant
 from payments.ledger_verify import TenantChain, VerifyResult, verify_chain
-from switchboard.settings import get_settings
+from switchboard.cli_support import run_with_pool
 
 T = TypeVar("T")
 console = Console()
@@ -40,20 +39,7 @@ TenantOpt = Annotated[
 
 def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     """Run ``work`` with a small pool on the configured database; usage errors exit 2."""
-
-    async def run() -> T:
-        pool = await asyncpg.create_pool(get_settings().require_database_url(), min_size=1, max_size=2)
-        assert pool is not None
-        try:
-            return await work(pool)
-        finally:
-            await pool.close()
-
-    try:
-        return asyncio.run(run())
-    except (RuntimeError, LookupError) as exc:
-        console.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+    return run_with_pool(work, console)
 
 
 async def _tenant_id(pool: asyncpg.Pool, tenant: str | None) -> uuid.UUID | None:

@@ -22,7 +22,6 @@ printed; unknown tenant; unreadable file; database URL not set).
 
 from __future__ import annotations
 
-import asyncio
 import json
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from payments.routing import (
     parse_route_config,
     replace_route_rules,
 )
-from switchboard.settings import get_settings
+from switchboard.cli_support import run_with_pool
 from tenants.processor_store import list_processor_configs
 
 T = TypeVar("T")
@@ -55,20 +54,7 @@ TenantArg = Annotated[str, typer.Argument(help="tenant name or id", show_default
 
 def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
     """Run ``work`` with a small pool on the configured database; usage errors exit 2."""
-
-    async def run() -> T:
-        pool = await asyncpg.create_pool(get_settings().require_database_url(), min_size=1, max_size=2)
-        assert pool is not None
-        try:
-            return await work(pool)
-        finally:
-            await pool.close()
-
-    try:
-        return asyncio.run(run())
-    except (RuntimeError, LookupError) as exc:
-        console.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+    return run_with_pool(work, console)
 
 
 def _document(rules: list[RouteRule]) -> str:

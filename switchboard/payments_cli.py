@@ -15,7 +15,6 @@ not set; unreadable template file).
 
 from __future__ import annotations
 
-import asyncio
 import json
 import uuid
 from collections.abc import Awaitable, Callable
@@ -39,7 +38,7 @@ from payments.notification_rules import (
     list_rules,
     set_rule,
 )
-from switchboard.settings import get_settings
+from switchboard.cli_support import run_with_pool
 
 T = TypeVar("T")
 console = Console()
@@ -53,21 +52,10 @@ _TEMPLATE_HELP = "template ($amount, $currency, ...; '@file' reads a file)"
 
 
 def _with_pool(work: Callable[[asyncpg.Pool], Awaitable[T]]) -> T:
-    """Run ``work`` with a small pool on the configured database; usage errors exit 2."""
-
-    async def run() -> T:
-        pool = await asyncpg.create_pool(get_settings().require_database_url(), min_size=1, max_size=2)
-        assert pool is not None
-        try:
-            return await work(pool)
-        finally:
-            await pool.close()
-
+    """Run ``work`` with a small pool on the configured database; usage errors and
+    invalid rules exit 2."""
     try:
-        return asyncio.run(run())
-    except (RuntimeError, LookupError) as exc:
-        console.print(f"[red]{exc}[/red]", highlight=False)
-        raise typer.Exit(2) from None
+        return run_with_pool(work, console)
     except RuleInvalid as exc:
         console.print("[red]invalid rule:[/red]", highlight=False)
         for violation in exc.violations:
