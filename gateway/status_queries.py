@@ -19,19 +19,19 @@ every combination of delivery statuses.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 
 import asyncpg
 from google.protobuf import timestamp_pb2
 
 from channels.catalog import CHANNEL_NAMES, CHANNEL_VALUES
+from gateway import pagination
 from gateway.validation import FieldViolation, RequestInvalid
 from switchboard.db.pool import Connection
 from switchboard.notify.v1 import notify_pb2
@@ -207,42 +207,14 @@ _FOREIGN_CURSOR = "not a page token from a previous ListNotifications answer wit
 
 
 def encode_page_token(query: ListQuery, created_at: datetime, notification_id: uuid.UUID) -> str:
-    """An opaque AIP-158 page token: "after this notification, with these filters"."""
-    raw = json.dumps([created_at.isoformat(), str(notification_id), query.filter_fingerprint()]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """An opaque AIP-158 page token: "after this item, with these filters" (gateway/pagination.py)."""
+    return pagination.encode_page_token(created_at, notification_id, query.filter_fingerprint())
 
 
 def decode_page_token(token: str, query: ListQuery) -> tuple[datetime, uuid.UUID]:
     """The cursor in ``token``; raises ``ValueError`` for a token we did not issue
     or one issued for other filters than ``query``'s."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created, notification_id, fingerprint = json.loads(raw)
-        cursor = datetime.fromisoformat(created), uuid.UUID(notification_id)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(_FOREIGN_CURSOR) from exc
-    if cursor[0].tzinfo is None or fingerprint != query.filter_fingerprint():
-        raise ValueError(_FOREIGN_CURSOR)
-    return cursor
-
-
-def _bound(
-    request: notify_pb2.ListNotificationsRequest, field: str, violations: list[FieldViolation]
-) -> datetime | None:
-    """The timestamp ``field`` as an aware datetime (``None`` when unset), microsecond
-    precision: rounded down for ``create_time_after`` and up for ``create_time_before``,
-    so no notification inside the exclusive range is lost."""
-    if not request.HasField(field):  # type: ignore[arg-type]
-        return None
-    ts: timestamp_pb2.Timestamp = getattr(request, field)
-    try:
-        value = ts.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        violations.append(FieldViolation(field=field, description="must be a valid timestamp"))
-        return None
-    if field == "create_time_before" and ts.nanos % 1000:
-        value += timedelta(microseconds=1)
-    return value
+    return pagination.decode_page_token(token, query.filter_fingerprint(), _FOREIGN_CURSOR)
 
 
 def parse_list_request(request: notify_pb2.ListNotificationsRequest) -> ListQuery:
@@ -278,8 +250,8 @@ def parse_list_request(request: notify_pb2.ListNotificationsRequest) -> ListQuer
                     description="must be CHANNEL_EMAIL, CHANNEL_SMS or CHANNEL_PUSH (or unset: any channel)",
                 )
             )
-    created_after = _bound(request, "create_time_after", violations)
-    created_before = _bound(request, "create_time_before", violations)
+    created_after = pagination.time_bound(request, "create_time_after", violations)
+    created_before = pagination.time_bound(request, "create_time_before", violations)
     if created_after is not None and created_before is not None and created_before <= created_after:
         violations.append(
             FieldViolation(field="create_time_before", description="must be later than create_time_after")

@@ -17,7 +17,6 @@ with payments/state_machine.py.
 
 from __future__ import annotations
 
-import base64
 import dataclasses
 import hashlib
 import json
@@ -25,12 +24,11 @@ import re
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import datetime
 from types import MappingProxyType
 from typing import Final
 
-from google.protobuf import timestamp_pb2
-
+from gateway import pagination
 from gateway.validation import (
     FieldViolation,
     RequestInvalid,
@@ -381,42 +379,14 @@ _FOREIGN_CURSOR = "not a page token from a previous ListPayments answer with the
 
 
 def encode_page_token(query: PaymentListQuery, created_at: datetime, payment_id: uuid.UUID) -> str:
-    """An opaque AIP-158 page token: "after this payment, with these filters"."""
-    raw = json.dumps([created_at.isoformat(), str(payment_id), query.filter_fingerprint()]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    """An opaque AIP-158 page token: "after this item, with these filters" (gateway/pagination.py)."""
+    return pagination.encode_page_token(created_at, payment_id, query.filter_fingerprint())
 
 
 def decode_page_token(token: str, query: PaymentListQuery) -> tuple[datetime, uuid.UUID]:
-    """The cursor in ``token``; raises ``ValueError`` for a token we did not issue or
-    one issued for other filters than ``query``'s."""
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        created, payment_id, fingerprint = json.loads(raw)
-        cursor = datetime.fromisoformat(created), uuid.UUID(payment_id)
-    except (ValueError, TypeError) as exc:
-        raise ValueError(_FOREIGN_CURSOR) from exc
-    if cursor[0].tzinfo is None or fingerprint != query.filter_fingerprint():
-        raise ValueError(_FOREIGN_CURSOR)
-    return cursor
-
-
-def _bound(
-    request: payments_pb2.ListPaymentsRequest, field: str, violations: list[FieldViolation]
-) -> datetime | None:
-    """The timestamp ``field`` as an aware datetime (``None`` when unset), microsecond
-    precision: rounded down for ``create_time_after`` and up for ``create_time_before``,
-    so no payment inside the exclusive range is lost."""
-    if not request.HasField(field):  # type: ignore[arg-type]
-        return None
-    ts: timestamp_pb2.Timestamp = getattr(request, field)
-    try:
-        value = ts.ToDatetime(tzinfo=UTC)
-    except (ValueError, OverflowError):
-        violations.append(_violation(field, "must be a valid timestamp"))
-        return None
-    if field == "create_time_before" and ts.nanos % 1000:
-        value += timedelta(microseconds=1)
-    return value
+    """The cursor in ``token``; raises ``ValueError`` for a token we did not issue
+    or one issued for other filters than ``query``'s."""
+    return pagination.decode_page_token(token, query.filter_fingerprint(), _FOREIGN_CURSOR)
 
 
 def parse_list_request(request: payments_pb2.ListPaymentsRequest) -> PaymentListQuery:
@@ -444,8 +414,8 @@ def parse_list_request(request: payments_pb2.ListPaymentsRequest) -> PaymentList
         violations.append(
             _violation("customer_reference", f"at most {CUSTOMER_REFERENCE_MAX_CHARS} characters")
         )
-    created_after = _bound(request, "create_time_after", violations)
-    created_before = _bound(request, "create_time_before", violations)
+    created_after = pagination.time_bound(request, "create_time_after", violations)
+    created_before = pagination.time_bound(request, "create_time_before", violations)
     if created_after is not None and created_before is not None and created_before <= created_after:
         violations.append(_violation("create_time_before", "must be later than create_time_after"))
     query = PaymentListQuery(
