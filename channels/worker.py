@@ -14,8 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import uuid
-from collections import defaultdict
-from collections.abc import Iterable
+from collections import defaultdict, deque
+from collections.abc import Awaitable, Callable, Iterable
 
 import asyncpg
 import structlog
@@ -33,6 +33,8 @@ from switchboard.settings import Settings
 log = structlog.get_logger(__name__)
 
 MAX_RECORDS_PER_POLL = 500
+#: Records polled but not yet recorded, per channel worker; polling pauses beyond this.
+MAX_IN_FLIGHT = 1000
 
 
 def consumer_group(channel: str, prefix: str = "") -> str:
@@ -94,36 +96,57 @@ class ChannelWorker:
                             await consumer.stop()
 
     async def _consume(self, consumer: AIOKafkaConsumer) -> None:
-        while not self._stopping.is_set():
-            self._providers.cache.expire()  # release tenants idle past the TTL even when traffic is quiet
-            batches = await consumer.getmany(timeout_ms=500, max_records=MAX_RECORDS_PER_POLL)
-            records = [r for rs in batches.values() for r in rs]
-            if not records:
-                continue
-            await self.handle_records(records)
-            offsets = {tp: OffsetAndMetadata(rs[-1].offset + 1, "") for tp, rs in batches.items() if rs}
-            await self.commit_offsets(consumer, offsets)
+        """Poll and deliver continuously; commit each partition's offset up to the first
+        record whose outcome is not recorded yet.
+
+        Records go to lanes, one per (partition, key = tenant): a lane delivers in
+        order, lanes run concurrently, and polling goes on while they work (a slow
+        delivery holds up only its own lane), up to :data:`MAX_IN_FLIGHT` records.
+        A record's offset is committed only once it and every earlier record of its
+        partition have their outcome recorded (at-least-once; the idempotent
+        ``deliver`` absorbs what a restart consumes again). Partitions that were
+        revoked are not committed by us; their new owner consumes them again.
+        """
+        lanes = _Lanes(self.handle_record)
+        try:
+            while not self._stopping.is_set():
+                self._providers.cache.expire()  # release tenants idle past the TTL even when quiet
+                lanes.raise_failure()
+                if lanes.in_flight >= MAX_IN_FLIGHT:
+                    await lanes.wait_for_progress(timeout_s=0.5)
+                else:
+                    wait_ms = 50 if lanes.in_flight else 500
+                    batches = await consumer.getmany(timeout_ms=wait_ms, max_records=MAX_RECORDS_PER_POLL)
+                    for records in batches.values():
+                        lanes.add(records)
+                await self._commit_done(consumer, lanes)
+            await lanes.finish()  # stop(): let every lane finish, then commit
+            lanes.raise_failure()
+            await self._commit_done(consumer, lanes)
+        finally:
+            await lanes.cancel()
+
+    async def _commit_done(self, consumer: AIOKafkaConsumer, lanes: _Lanes) -> None:
+        assigned = consumer.assignment()
+        lanes.forget_unassigned(assigned)
+        offsets = lanes.committable()
+        if offsets:
+            await self.commit_offsets(consumer, {tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
+            lanes.committed(offsets)
 
     async def commit_offsets(
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]
     ) -> None:
-        """Commit ``offsets``; called only after every outcome of the batch is recorded."""
+        """Commit ``offsets``; called only after every outcome before them is recorded."""
         async with asyncio.timeout(self._settings.kafka_request_timeout_ms / 1000):
             await consumer.commit(offsets)
 
     async def handle_records(self, records: Iterable[ConsumerRecord[bytes, bytes]]) -> None:
         """Deliver ``records``: in order per (partition, key), concurrently across them."""
-        lanes: dict[tuple[int, bytes | None], list[ConsumerRecord[bytes, bytes]]] = defaultdict(list)
-        for record in records:
-            lanes[(record.partition, record.key)].append(record)
-
-        async def run_lane(lane: list[ConsumerRecord[bytes, bytes]]) -> None:
-            for record in lane:
-                await self.handle_record(record)
-
-        async with asyncio.TaskGroup() as group:
-            for lane in lanes.values():
-                group.create_task(run_lane(lane))
+        lanes = _Lanes(self.handle_record)
+        lanes.add(list(records))
+        await lanes.finish()
+        lanes.raise_failure()
 
     async def handle_record(self, record: ConsumerRecord[bytes, bytes]) -> Outcome:
         """Decode and deliver one record; a record that cannot be decoded is logged and skipped."""
@@ -149,6 +172,111 @@ class ChannelWorker:
         self.outcomes[outcome] += 1
         log.debug("delivery handled", delivery_id=event.delivery_id, outcome=outcome.value)
         return outcome
+
+
+class _Lanes:
+    """Records in flight: a queue and a task per (partition, key), and per partition
+    which offsets are done, so the committable offset is known at any moment."""
+
+    def __init__(self, handle: Callable[[ConsumerRecord[bytes, bytes]], Awaitable[Outcome]]) -> None:
+        self._handle = handle
+        self._queues: dict[
+            tuple[TopicPartition, bytes | None], deque[tuple[ConsumerRecord[bytes, bytes], int]]
+        ] = {}
+        self._tasks: dict[tuple[TopicPartition, bytes | None], asyncio.Task[None]] = {}
+        #: Per partition: offsets handed out, in order, with whether their outcome is recorded.
+        self._pending: dict[TopicPartition, deque[list[int | bool]]] = defaultdict(deque)
+        self._next: dict[TopicPartition, int] = {}
+        #: Bumped when a partition is revoked: outcomes of records handed out before no
+        #: longer move its offset (its new owner consumes them again).
+        self._generation: dict[TopicPartition, int] = defaultdict(int)
+        self._progress = asyncio.Event()
+        self._failure: BaseException | None = None
+        self.in_flight = 0
+
+    def add(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
+        """Queue ``records`` (one partition's, in offset order) on their lanes."""
+        for record in records:
+            tp = TopicPartition(record.topic, record.partition)
+            entry: list[int | bool] = [record.offset, False]
+            self._pending[tp].append(entry)
+            lane = (tp, record.key)
+            self._queues.setdefault(lane, deque()).append((record, self._generation[tp]))
+            self.in_flight += 1
+            if lane not in self._tasks:
+                self._tasks[lane] = asyncio.create_task(self._run(lane))
+
+    async def _run(self, lane: tuple[TopicPartition, bytes | None]) -> None:
+        queue = self._queues[lane]
+        try:
+            while queue:
+                record, generation = queue[0]
+                await self._handle(record)
+                queue.popleft()
+                self._mark_done(lane[0], generation, record.offset)
+        except BaseException as exc:
+            if self._failure is None and not isinstance(exc, asyncio.CancelledError):
+                self._failure = exc
+            self._progress.set()
+            raise
+        finally:
+            if not queue or self._failure is not None:
+                self._tasks.pop(lane, None)
+                self._queues.pop(lane, None)
+
+    def _mark_done(self, tp: TopicPartition, generation: int, offset: int) -> None:
+        self.in_flight -= 1
+        self._progress.set()
+        if generation != self._generation[tp]:
+            return  # handed out before the partition was revoked
+        for entry in self._pending[tp]:
+            if entry[0] == offset:
+                entry[1] = True
+                break
+        pending = self._pending[tp]
+        while pending and pending[0][1]:
+            self._next[tp] = int(pending.popleft()[0]) + 1
+
+    def forget_unassigned(self, assigned: set[TopicPartition]) -> None:
+        """Drop what we track of partitions no longer assigned to us (revoked)."""
+        for tp in [tp for tp in self._pending if tp not in assigned]:
+            del self._pending[tp]
+            self._next.pop(tp, None)
+            self._generation[tp] += 1
+
+    def committable(self) -> dict[TopicPartition, int]:
+        """Per partition, the offset to commit (one past the last contiguous done record)."""
+        return dict(self._next)
+
+    def committed(self, offsets: dict[TopicPartition, int]) -> None:
+        """Forget offsets that were committed (unless a later one arrived meanwhile)."""
+        for tp, offset in offsets.items():
+            if self._next.get(tp) == offset:
+                del self._next[tp]
+
+    def raise_failure(self) -> None:
+        """Re-raise the first unexpected error of a lane (the consumer is then rebuilt)."""
+        if self._failure is not None:
+            raise self._failure
+
+    async def wait_for_progress(self, timeout_s: float) -> None:
+        """Wait until some record is done (or a lane failed), at most ``timeout_s``."""
+        self._progress.clear()
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._progress.wait(), timeout_s)
+
+    async def finish(self) -> None:
+        """Wait for every lane to deliver what it holds (or fail)."""
+        while self._tasks:
+            await asyncio.wait(list(self._tasks.values()), return_when=asyncio.ALL_COMPLETED)
+
+    async def cancel(self) -> None:
+        """Cancel what is still running (after a failure, or when the consumer is torn down)."""
+        tasks = list(self._tasks.values())
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.gather(*tasks, return_exceptions=True)
 
 
 async def run_worker_process(settings: Settings, channels: list[str]) -> None:
