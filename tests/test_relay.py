@@ -180,15 +180,20 @@ async def test_a_pipelined_relay_keeps_outbox_order_per_tenant(
     )
     await consumer.start()
     received: list[str] = []
+    keys: set[bytes | None] = set()
     try:
         topic = delivery_topic("email", settings.kafka_topic_prefix)
         await consumer.topics()  # fetches the cluster metadata
-        for partition in sorted(consumer.partitions_for_topic(topic) or ()):
+        partitions = consumer.partitions_for_topic(topic) or set()
+        for partition in sorted(partitions):
             tp = TopicPartition(topic, partition)
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
             while records := (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
                 received += [events_pb2.DeliveryRequested.FromString(r.value).delivery_id for r in records]
+                keys |= {r.key for r in records}
     finally:
         await consumer.stop()
+    assert len(partitions) == settings.kafka_partitions  # topics are created with the setting's count
+    assert keys == {str(tenant.tenant_id).encode()}  # the Kafka key is the tenant id
     assert received == outbox_order  # one tenant: one key, one partition, outbox order
