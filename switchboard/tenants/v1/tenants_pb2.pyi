@@ -789,6 +789,7 @@ class TwilioConfig(_message.Message):
     FROM_NUMBER_FIELD_NUMBER: _builtins.int
     MESSAGING_SERVICE_SID_FIELD_NUMBER: _builtins.int
     BASE_URL_FIELD_NUMBER: _builtins.int
+    STATUS_CALLBACK_URL_FIELD_NUMBER: _builtins.int
     account_sid: _builtins.str
     """Account SID ("AC" + 32 hex)."""
     auth_token: _builtins.str
@@ -799,6 +800,14 @@ class TwilioConfig(_message.Message):
     """Messaging service SID ("MG" + 32 hex); or set from_number."""
     base_url: _builtins.str
     """API base URL; empty means https://api.twilio.com."""
+    status_callback_url: _builtins.str
+    """Where Twilio POSTs the message's status changes (queued, sent, delivered,
+    undelivered, failed), sent as the `StatusCallback` parameter of every
+    message; empty: none. An https URL with a host name (no underscores, as
+    Twilio requires), at most 2048 characters, without user info or fragment;
+    http only for a loopback host (127.0.0.0/8, ::1, localhost), i.e. a local
+    fake. Not a secret: reads show it.
+    """
     def __init__(
         self,
         *,
@@ -807,10 +816,11 @@ class TwilioConfig(_message.Message):
         from_number: _builtins.str = ...,
         messaging_service_sid: _builtins.str = ...,
         base_url: _builtins.str = ...,
+        status_callback_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "auth_token", b"auth_token", "base_url", b"base_url", "from_number", b"from_number", "messaging_service_sid", b"messaging_service_sid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "auth_token", b"auth_token", "base_url", b"base_url", "from_number", b"from_number", "messaging_service_sid", b"messaging_service_sid", "status_callback_url", b"status_callback_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
