@@ -227,7 +227,9 @@ async def create_tenants(grpc_addr: str, spec: FakesSpec) -> list[TenantAccess]:
         admin: AdminStub = tenants_pb2_grpc.TenantAdminServiceStub(channel)
         for fakes in spec.tenants:
             reply = await admin.CreateTenant(
-                tenants_pb2.CreateTenantRequest(name=fakes.name, display_name=f"Chaos {fakes.name}"),
+                tenants_pb2.CreateTenantRequest(
+                    request_id=str(uuid.uuid4()), name=fakes.name, display_name=f"Chaos {fakes.name}"
+                ),
                 metadata=operator,
                 wait_for_ready=True,
                 timeout=30,
@@ -269,13 +271,18 @@ async def create_tenants(grpc_addr: str, spec: FakesSpec) -> list[TenantAccess]:
             for channel_value, config in configs:
                 await admin.SetProviderConfig(
                     tenants_pb2.SetProviderConfigRequest(
-                        tenant_id=tenant_id, channel=channel_value, config=config
+                        request_id=str(uuid.uuid4()),
+                        tenant_id=tenant_id,
+                        channel=channel_value,
+                        config=config,
                     ),
                     metadata=operator,
                     timeout=30,
                 )
             key = await admin.CreateApiKey(
-                tenants_pb2.CreateApiKeyRequest(tenant_id=tenant_id), metadata=operator, timeout=30
+                tenants_pb2.CreateApiKeyRequest(request_id=str(uuid.uuid4()), tenant_id=tenant_id),
+                metadata=operator,
+                timeout=30,
             )
             created.append(TenantAccess(fakes.name, tenant_id, key.secret))
     return created

@@ -23,6 +23,11 @@ T = TypeVar("T")
 TABLES = ("notifications", "deliveries", "delivery_attempts", "outbox", "idempotency_keys")
 
 
+def new_request_id() -> str:
+    """A fresh AIP-155 request_id (a UUID4), as a well-behaved client sends per new request."""
+    return str(uuid.uuid4())
+
+
 def send_request(**overrides: object) -> notify_pb2.SendNotificationRequest:
     """A valid all-channel request; keyword arguments replace top-level fields."""
     request = notify_pb2.SendNotificationRequest(

@@ -8,6 +8,9 @@ import os
 import re
 import subprocess
 import sys
+import uuid
+
+import asyncpg
 
 from gateway.server import Gateway
 from tests.conftest import ADMIN_TOKEN
@@ -33,7 +36,9 @@ async def cli(
     )
 
 
-async def test_operator_manages_tenants_keys_and_providers_from_the_cli(gateway: Gateway) -> None:
+async def test_operator_manages_tenants_keys_and_providers_from_the_cli(
+    gateway: Gateway, pool: asyncpg.Pool
+) -> None:
     created = await cli(gateway, "tenants", "create", "cli-tenant", "--display-name", "CLI Tenant")
     assert created.returncode == 0, created.stderr
     tenant_id = re.search(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}", created.stdout)
@@ -78,6 +83,14 @@ async def test_operator_manages_tenants_keys_and_providers_from_the_cli(gateway:
     assert "no" in enabled.stdout
     deleted = await cli(gateway, "providers", "delete", tid, "email")
     assert deleted.returncode == 0, deleted.stderr
+
+    # Every mutating call carried its own fresh UUID4 request_id (AIP-155): CreateTenant and
+    # CreateApiKey (tenants create), SetProviderConfig, RevokeApiKey, DisableTenant, EnableTenant,
+    # DeleteProviderConfig.
+    request_ids = [r["request_id"] for r in await pool.fetch("SELECT request_id FROM admin_idempotency_keys")]
+    assert len(request_ids) == 7
+    assert len(set(request_ids)) == 7
+    assert all(uuid.UUID(r).version == 4 for r in request_ids)
 
 
 async def test_cli_reports_errors_and_a_wrong_token(gateway: Gateway) -> None:

@@ -24,7 +24,7 @@ from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tests.conftest import ADMIN_TOKEN, SmtpSink, TenantCredentials, make_tenant
-from tests.helpers import running_pipeline, send_request, wait_for
+from tests.helpers import new_request_id, running_pipeline, send_request, wait_for
 from tests.test_admin_api import OPERATOR, smtp_config
 
 if TYPE_CHECKING:
@@ -56,6 +56,7 @@ async def admin(gateway: Gateway) -> AsyncIterator[Admin]:
 async def set_smtp(admin: Admin, tenant_id: uuid.UUID, port: int) -> None:
     await admin.SetProviderConfig(
         tenants_pb2.SetProviderConfigRequest(
+            request_id=new_request_id(),
             tenant_id=str(tenant_id),
             channel=notify_pb2.CHANNEL_EMAIL,
             config=smtp_config(port=port, password="", username=""),
@@ -132,7 +133,8 @@ async def test_deliveries_of_a_disabled_tenant_end_failed_with_the_reason(
 ) -> None:
     accepted = await stub.SendNotification(email_only(), metadata=tenant.metadata)
     await admin.DisableTenant(
-        tenants_pb2.DisableTenantRequest(tenant_id=str(tenant.tenant_id)), metadata=OPERATOR
+        tenants_pb2.DisableTenantRequest(request_id=new_request_id(), tenant_id=str(tenant.tenant_id)),
+        metadata=OPERATOR,
     )
     async with running_pipeline(pool, settings, channels=("email",)):
         row = await wait_for(lambda: delivery_row(pool, accepted.notification_id), timeout_s=60)
@@ -157,6 +159,7 @@ async def test_secrets_stay_out_of_logs_and_errors(
     password = "pw-" + uuid.uuid4().hex
     await admin.SetProviderConfig(
         tenants_pb2.SetProviderConfigRequest(
+            request_id=new_request_id(),
             tenant_id=str(tenant.tenant_id),
             channel=notify_pb2.CHANNEL_EMAIL,
             # No server listens on this port: connection refused, retried, then failed.
@@ -213,7 +216,9 @@ async def test_revocation_is_seen_by_another_gateway_process_within_a_second(
             await other.SendNotification(send_request(), metadata=tenant.metadata)  # cached there now
             key_id = tenant.api_key.split("_")[1]
             await admin.RevokeApiKey(
-                tenants_pb2.RevokeApiKeyRequest(tenant_id=str(tenant.tenant_id), key_id=key_id),
+                tenants_pb2.RevokeApiKeyRequest(
+                    request_id=new_request_id(), tenant_id=str(tenant.tenant_id), key_id=key_id
+                ),
                 metadata=OPERATOR,
             )
             loop = asyncio.get_running_loop()
@@ -247,7 +252,10 @@ async def test_gateway_refuses_to_start_with_a_missing_or_wrong_master_key(
     # Something sealed under the right key exists (the canary, and a config).
     await admin.SetProviderConfig(
         tenants_pb2.SetProviderConfigRequest(
-            tenant_id=str(tenant.tenant_id), channel=notify_pb2.CHANNEL_EMAIL, config=smtp_config()
+            request_id=new_request_id(),
+            tenant_id=str(tenant.tenant_id),
+            channel=notify_pb2.CHANNEL_EMAIL,
+            config=smtp_config(),
         ),
         metadata=OPERATOR,
     )
