@@ -16,13 +16,14 @@ from gateway.server import Gateway
 from switchboard.fakes.brevo import FakeBrevo
 from switchboard.notify.v1 import events_pb2, notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
-from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+from switchboard.tenants.v1 import tenants_pb2_grpc
 from tests.conftest import TenantCredentials
 from tests.helpers import running_pipeline, send_request, wait_for
-from tests.test_admin_api import OPERATOR, admin  # noqa: F401 (fixture)
+from tests.test_admin_api import admin  # noqa: F401 (fixture)
 from tests.test_admin_cli import cli
 from tests.test_brevo import API_KEY as BREVO_KEY
 from tests.test_brevo import brevo  # noqa: F401 (fixture)
+from tests.test_failure_handling import use_brevo
 from tests.test_worker import read_one
 
 if TYPE_CHECKING:
@@ -45,18 +46,7 @@ async def test_brevo_out_of_credits_dead_letter_replays_once_through_the_cli(
     settings: Settings,
     brevo: FakeBrevo,  # noqa: F811
 ) -> None:
-    await admin.SetProviderConfig(
-        tenants_pb2.SetProviderConfigRequest(
-            tenant_id=str(tenant.tenant_id),
-            channel=notify_pb2.CHANNEL_EMAIL,
-            config=tenants_pb2.ProviderConfig(
-                brevo=tenants_pb2.BrevoConfig(
-                    api_key=BREVO_KEY, sender_email="no-reply@acme.example", base_url=brevo.base_url
-                )
-            ),
-        ),
-        metadata=OPERATOR,
-    )
+    await use_brevo(admin, tenant.tenant_id, brevo)
     brevo.credits_exhausted = True
     accepted = await stub.SendNotification(
         send_request(channels=[notify_pb2.CHANNEL_EMAIL]), metadata=tenant.metadata

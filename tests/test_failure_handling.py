@@ -7,16 +7,21 @@ import time
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
 
 import asyncpg
 import grpc
 import pytest
+from aiokafka import ConsumerRecord
 
 from channels.callbacks import set_tenant_callback
+from channels.catalog import CHANNEL_VALUES
 from channels.dead_letters import DeadLetterFilter, list_dead_letters, replay_dead_letters
 from channels.delivery import Outcome, RetryPolicy, deliver
 from channels.registry import TenantProviders
+from channels.worker import ChannelWorker
+from switchboard.fakes.brevo import FakeBrevo
 from switchboard.fakes.smtp import FakeSmtpServer, SmtpFault
 from switchboard.fakes.twilio import FakeTwilio
 from switchboard.notify.v1 import events_pb2, notify_pb2, notify_pb2_grpc
@@ -25,6 +30,7 @@ from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tests.conftest import TenantCredentials
 from tests.helpers import running_pipeline, send_request, tenant_providers, wait_for
 from tests.test_admin_api import OPERATOR, admin, smtp_config  # noqa: F401 (fixture)
+from tests.test_brevo import brevo  # noqa: F401 (fixture)
 from tests.test_gateway import rich_status, violations
 from tests.test_worker import ScriptedSmtpHandler, scripted_smtp  # noqa: F401 (fixture)
 
@@ -444,3 +450,63 @@ async def test_fallback_and_replay_queue_their_status_callbacks(
         ("queued", 1),  # replayed
     ]
     assert await callback_events(pool, email_id) == [("sending", 1), ("failed", 1)]
+
+
+async def use_brevo(operator: Admin, tenant_id: uuid.UUID, fake: FakeBrevo) -> None:
+    """Make ``fake`` the tenant's email provider (through the admin API)."""
+    await operator.SetProviderConfig(
+        tenants_pb2.SetProviderConfigRequest(
+            tenant_id=str(tenant_id),
+            channel=notify_pb2.CHANNEL_EMAIL,
+            config=tenants_pb2.ProviderConfig(
+                brevo=tenants_pb2.BrevoConfig(
+                    api_key=fake.api_key, sender_email="no-reply@acme.example", base_url=fake.base_url
+                )
+            ),
+        ),
+        metadata=OPERATOR,
+    )
+
+
+def consumed(delivery_event: bytes, channel: str, tenant_id: uuid.UUID) -> ConsumerRecord[bytes, bytes]:
+    """The record a worker would have polled from ``notify.<channel>``."""
+    key = str(tenant_id).encode("ascii")
+    return ConsumerRecord(f"notify.{channel}", 0, 0, 0, 0, key, delivery_event, None, len(key), 0, [])
+
+
+@pytest.mark.parametrize("channel", ["sms", "email"])
+async def test_the_worker_waits_at_least_the_providers_retry_after(
+    channel: str,
+    stub: Stub,
+    admin: Admin,  # noqa: F811
+    pool: asyncpg.Pool,
+    settings: Settings,
+    own: OwnProviders,
+    brevo: FakeBrevo,  # noqa: F811
+) -> None:
+    """Twilio 20429 / Brevo 429 with ``Retry-After: 120``: the retry's outbox row is due no
+    sooner than 120 s after the attempt, though the backoff alone is at most 0.2 s here."""
+    retry_after_s = 120
+    assert settings.worker_retry_max_ms / 1000 < retry_after_s
+    if channel == "sms":
+        own.twilio.inject(FakeTwilio.error(20429, 429, headers={"Retry-After": str(retry_after_s)}))
+    else:
+        brevo.inject(FakeBrevo.rate_limited(reset_s=30, retry_after_s=retry_after_s))
+        await use_brevo(admin, own.tenant.tenant_id, brevo)
+    accepted = await stub.SendNotification(
+        send_request(channels=[CHANNEL_VALUES[channel]]), metadata=own.tenant.metadata
+    )
+    delivery_id = uuid.UUID(accepted.deliveries[0].delivery_id)
+    event = await pool.fetchval("SELECT event FROM deliveries WHERE id = $1", delivery_id)
+    worker = ChannelWorker(pool, settings, channel, own.providers)
+    before = datetime.now(UTC)
+    outcome = await worker.handle_record(consumed(event, channel, own.tenant.tenant_id))
+    after = datetime.now(UTC)
+    assert outcome == Outcome.RETRY_SCHEDULED
+    due = await pool.fetchval(
+        "SELECT available_at FROM outbox WHERE delivery_id = $1 AND published_at IS NULL ORDER BY id DESC",
+        delivery_id,
+    )
+    wait = timedelta(seconds=retry_after_s)
+    assert before + wait <= due <= after + wait
+    assert await pool.fetchval("SELECT next_attempt_at FROM deliveries WHERE id = $1", delivery_id) == due
