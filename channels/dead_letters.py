@@ -136,7 +136,11 @@ async def _chain_blocker(conn: Connection | asyncpg.Pool, delivery_id: uuid.UUID
         return None
     if other["status"] == "delivered":
         return f"fallback chain delivered on {other['channel']}"
-    return f"fallback chain in progress on {other['channel']} ({other['status']})"
+    return _in_progress(other["channel"], other["status"])
+
+
+def _in_progress(channel: str, status: str) -> str:
+    return f"fallback chain in progress on {channel} ({status})"
 
 
 async def _replay_one(
@@ -217,15 +221,23 @@ async def replay_dead_letters(
     """
     pending = await list_dead_letters(pool, where, limit=1_000_000)
     report = ReplayReport()
+    #: Dry run: chains a dead letter earlier in this run would have put back in progress.
+    would_queue: dict[uuid.UUID, str] = {}
     for done, letter in enumerate(pending, start=1):
         if dry_run:
+            delivery = await pool.fetchrow(
+                """SELECT d.status, d.notification_id, cardinality(n.fallback_channels) > 0 AS chained
+                     FROM deliveries d JOIN notifications n ON n.id = d.notification_id WHERE d.id = $1""",
+                letter.delivery_id,
+            )
             blocker = await _chain_blocker(pool, letter.delivery_id)
+            if blocker is None and delivery is not None and delivery["chained"]:
+                blocker = would_queue.get(delivery["notification_id"])
             if blocker is not None:
                 report.skipped.append(SkippedDeadLetter(letter, blocker))
-            elif await pool.fetchval(
-                "SELECT status = 'failed' FROM deliveries WHERE id = $1", letter.delivery_id
-            ):
+            elif delivery is not None and delivery["status"] == "failed":
                 report.replayed += 1
+                would_queue[delivery["notification_id"]] = _in_progress(letter.channel, "queued")
         else:
             async with pool.acquire() as conn, conn.transaction():
                 await _replay_one(conn, letter, topic_prefix, datetime.fromtimestamp(clock(), UTC), report)

@@ -327,6 +327,16 @@ async def send_chain(stub: Stub, tenant: TenantCredentials) -> str:
     return accepted.notification_id
 
 
+async def dry_then_real_replay(
+    pool: asyncpg.Pool, where: DeadLetterFilter
+) -> tuple[int, list[tuple[str, str]]]:
+    """Replay with ``--dry-run``, then for real; both must report the same: (replayed, [(channel, why)])."""
+    reports = [await replay_dead_letters(pool, where, dry_run=dry_run) for dry_run in (True, False)]
+    dry, real = [(r.replayed, [(s.letter.channel, s.why) for s in r.skipped]) for r in reports]
+    assert dry == real
+    return real
+
+
 async def test_replaying_a_link_of_a_delivered_chain_is_skipped_not_sent(
     stub: Stub, pool: asyncpg.Pool, own: OwnProviders
 ) -> None:
@@ -336,12 +346,7 @@ async def test_replaying_a_link_of_a_delivered_chain_is_skipped_not_sent(
     assert await deliver_now(pool, own, await link_id(pool, notification_id, 1)) == Outcome.DELIVERED
 
     mine = DeadLetterFilter(tenant_id=own.tenant.tenant_id)
-    for dry_run in (True, False):
-        report = await replay_dead_letters(pool, mine, dry_run=dry_run)
-        assert report.replayed == 0
-        assert [(s.letter.channel, s.why) for s in report.skipped] == [
-            ("email", "fallback chain delivered on sms")
-        ]
+    assert await dry_then_real_replay(pool, mine) == (0, [("email", "fallback chain delivered on sms")])
     assert await chain_links(pool, notification_id) == [(0, "email", "failed"), (1, "sms", "delivered")]
     assert [d.channel for d in await list_dead_letters(pool, mine)] == ["email"]  # left pending
     assert own.smtp.received == []
@@ -370,12 +375,11 @@ async def test_a_replayed_link_that_fails_again_does_not_start_the_next_channel_
     assert sms_outbox == 1  # the SMS link was not queued again either
 
     # Replaying everything: the SMS link (dead-lettered first) goes; the email link waits
-    # behind it, so the chain never runs on two channels at once.
-    report = await replay_dead_letters(pool, DeadLetterFilter(tenant_id=own.tenant.tenant_id))
-    assert report.replayed == 1
-    assert [(s.letter.channel, s.why) for s in report.skipped] == [
-        ("email", "fallback chain in progress on sms (queued)")
-    ]
+    # behind it, so the chain never runs on two channels at once. A dry run says so first.
+    assert await dry_then_real_replay(pool, DeadLetterFilter(tenant_id=own.tenant.tenant_id)) == (
+        1,
+        [("email", "fallback chain in progress on sms (queued)")],
+    )
     assert await deliver_now(pool, own, sms_id) == Outcome.DELIVERED
     assert len(own.twilio.received) == 1
     assert own.smtp.received == []
