@@ -543,14 +543,18 @@ def dlq_replay(
     with Progress(console=console) as progress:
         task = progress.add_task("replaying", total=None)
 
-        def report(done: int, total: int) -> None:
+        def report_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        count = asyncio.run(
+        report = asyncio.run(
             _with_pool(
                 lambda pool: replay_dead_letters(
-                    pool, where, topic_prefix=prefix, dry_run=dry_run, progress=report
+                    pool, where, topic_prefix=prefix, dry_run=dry_run, progress=report_progress
                 )
             )
         )
-    console.print(f"{'would replay' if dry_run else 'replayed'} {count} dead letter(s)")
+    console.print(f"{'would replay' if dry_run else 'replayed'} {report.replayed} dead letter(s)")
+    if report.skipped:
+        console.print(f"{'would skip' if dry_run else 'skipped'} {len(report.skipped)} (left in the DLQ):")
+        for skipped in report.skipped:
+            console.print(f"  {skipped.letter.delivery_id} ({skipped.letter.channel}): {skipped.why}")

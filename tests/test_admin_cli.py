@@ -19,12 +19,19 @@ PASSWORD = "cli-secret-password-41c7"
 
 
 async def cli(
-    gateway: Gateway, *args: str, stdin: str = "", token: str = ADMIN_TOKEN
+    gateway: Gateway,
+    *args: str,
+    stdin: str = "",
+    token: str = ADMIN_TOKEN,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess[str]:
+    """Run ``switchboard <args>`` as a subprocess against ``gateway``; ``extra_env`` adds
+    settings (e.g. ``SWITCHBOARD_DATABASE_URL`` for the DB-direct commands)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("SWITCHBOARD_")}
     env.update(
         SWITCHBOARD_GRPC_ADDR=f"127.0.0.1:{gateway.port}", SWITCHBOARD_ADMIN_TOKEN=token, COLUMNS="250"
     )
+    env.update(extra_env or {})
     return await asyncio.to_thread(
         subprocess.run,
         [sys.executable, "-m", "switchboard.cli", *args],
