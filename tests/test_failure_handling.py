@@ -28,7 +28,7 @@ from switchboard.notify.v1 import events_pb2, notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tests.conftest import TenantCredentials
-from tests.helpers import running_pipeline, send_request, tenant_providers, wait_for
+from tests.helpers import new_request_id, running_pipeline, send_request, tenant_providers, wait_for
 from tests.test_admin_api import OPERATOR, admin, smtp_config  # noqa: F401 (fixture)
 from tests.test_brevo import brevo  # noqa: F401 (fixture)
 from tests.test_gateway import rich_status, violations
@@ -274,7 +274,10 @@ async def own(
             for channel, config in configs.items():
                 await admin.SetProviderConfig(
                     tenants_pb2.SetProviderConfigRequest(
-                        tenant_id=str(tenant.tenant_id), channel=channel, config=config
+                        request_id=new_request_id(),
+                        tenant_id=str(tenant.tenant_id),
+                        channel=channel,
+                        config=config,
                     ),
                     metadata=OPERATOR,
                 )
@@ -460,6 +463,7 @@ async def use_brevo(operator: Admin, tenant_id: uuid.UUID, fake: FakeBrevo) -> N
     """Make ``fake`` the tenant's email provider (through the admin API)."""
     await operator.SetProviderConfig(
         tenants_pb2.SetProviderConfigRequest(
+            request_id=new_request_id(),
             tenant_id=str(tenant_id),
             channel=notify_pb2.CHANNEL_EMAIL,
             config=tenants_pb2.ProviderConfig(
