@@ -269,3 +269,22 @@ def test_demo_uses_the_servers_named_in_the_environment(tmp_path: Path, settings
             await conn.close()
 
     assert asyncio.run(count_demo_notifications()) >= 1  # the demo wrote to the given database
+
+
+def test_demo_exits_non_zero_with_the_reason_when_deliveries_are_not_final_in_time(tmp_path: Path) -> None:
+    data_dir = tmp_path / "late"
+    env = stack_env(data_dir) | {"COLUMNS": "250"}
+    # 50 ms is far less than a consumer group takes to form: nothing can be final by then.
+    result = subprocess.run(
+        switchboard("demo", "--timeout", "0.05"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not every delivery was DELIVERED" in result.stdout
+    assert "not final before the timeout" in result.stdout
+    assert "every delivery DELIVERED in" not in result.stdout
+    assert leftover_processes(data_dir, env) == []
