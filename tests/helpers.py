@@ -7,9 +7,11 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
+import firebase_admin  # type: ignore[import-untyped]
+import pytest
 
 from channels.registry import TenantProviders
 from channels.worker import ChannelWorker
@@ -63,6 +65,54 @@ async def wait_for(
         if time.monotonic() > deadline:
             raise AssertionError(f"condition not met within {timeout_s} s")
         await asyncio.sleep(interval_s)
+
+
+async def max_loop_gap(work: Callable[[], Awaitable[T]], tick_s: float = 0.01) -> tuple[T, float]:
+    """Await ``work()`` while a ticker sleeps ``tick_s`` at a time on the same event loop.
+
+    Returns what ``work()`` returned and the longest time between two ticks, in seconds:
+    about ``tick_s`` when the loop kept running, at least the blocking time when
+    something held the loop (a blocking call in a coroutine, a long CPU stretch).
+    """
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(tick_s)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+            if stop.is_set():
+                return
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # the ticker's first sleep has begun
+    try:
+        result = await work()
+    finally:
+        stop.set()
+        await task
+    return result, max(gaps)
+
+
+def record_firebase_app_names(monkeypatch: pytest.MonkeyPatch, function: str) -> list[str]:
+    """Wrap ``firebase_admin.<function>`` (``initialize_app`` or ``delete_app``) for the test.
+
+    Returns the list the wrapper appends to: the name of each app it initialized or deleted,
+    in order (from any thread). Calls that raise are not recorded.
+    """
+    names: list[str] = []
+    original = getattr(firebase_admin, function)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        names.append((result if function == "initialize_app" else args[0]).name)
+        return result
+
+    monkeypatch.setattr(firebase_admin, function, recording)
+    return names
 
 
 async def row_counts(pool: asyncpg.Pool) -> dict[str, int]:
