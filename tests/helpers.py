@@ -124,6 +124,32 @@ async def row_counts(pool: asyncpg.Pool) -> dict[str, int]:
     return counts
 
 
+async def tenant_row_counts(pool: asyncpg.Pool, tenant_id: uuid.UUID) -> dict[str, int]:
+    """For every table of the database (schema ``public``): how many of its rows belong to
+    ``tenant_id`` when it has a ``tenant_id`` column, else how many rows it has (the outbox,
+    the tenants themselves, ...). Unchanged counts mean nothing of the tenant's was added or
+    removed, and nothing untenanted either."""
+    async with pool.acquire() as conn:
+        tables = await conn.fetch(
+            """SELECT t.table_name::text AS name,
+                      EXISTS (SELECT 1 FROM information_schema.columns c
+                               WHERE c.table_schema = t.table_schema AND c.table_name = t.table_name
+                                 AND c.column_name = 'tenant_id') AS tenanted
+                 FROM information_schema.tables t
+                WHERE t.table_schema = 'public' AND t.table_type = 'BASE TABLE'
+                ORDER BY 1"""
+        )
+        assert tables, "no tables in schema public"
+        counts = {}
+        for table in tables:
+            query = f'SELECT count(*) FROM "{table["name"]}"'  # noqa: S608
+            if table["tenanted"]:
+                counts[table["name"]] = await conn.fetchval(f"{query} WHERE tenant_id = $1", tenant_id)
+            else:
+                counts[table["name"]] = await conn.fetchval(query)
+    return counts
+
+
 async def delivery_statuses(pool: asyncpg.Pool, notification_id: str) -> dict[str, str]:
     """channel -> status for one notification."""
     rows = await pool.fetch(
