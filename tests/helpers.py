@@ -164,14 +164,24 @@ def tenant_providers(pool: asyncpg.Pool, settings: Settings) -> TenantProviders:
     return TenantProviders(pool, settings, ring)
 
 
+class Pipeline(list[ChannelWorker]):
+    """The workers of :func:`running_pipeline` (a list of them) and the tenant change listener
+    they share (``listener``)."""
+
+    def __init__(self, workers: list[ChannelWorker], listener: TenantChangeListener) -> None:
+        super().__init__(workers)
+        self.listener = listener
+
+
 @contextlib.asynccontextmanager
 async def running_pipeline(
     pool: asyncpg.Pool,
     settings: Settings,
     channels: tuple[str, ...] = ("email", "sms", "push"),
-) -> AsyncIterator[list[ChannelWorker]]:
+) -> AsyncIterator[Pipeline]:
     """Run a relay, a tenant change listener and one worker per channel as tasks
-    for the duration of the block (like a worker and a relay process)."""
+    for the duration of the block (like a worker and a relay process); yields the
+    workers with the listener."""
     relay = OutboxRelay(pool, settings)
     providers = tenant_providers(pool, settings)
     listener = TenantChangeListener(
@@ -182,7 +192,7 @@ async def running_pipeline(
     tasks += [asyncio.create_task(w.run()) for w in workers]
     try:
         await asyncio.wait_for(listener.connected.wait(), 30)
-        yield workers
+        yield Pipeline(workers, listener)
     finally:
         relay.stop()
         listener.stop()
