@@ -248,13 +248,29 @@ def keys_revoke(tenant_id: str, key_id: str) -> None:
     console.print(_key_table([reply.api_key]))
 
 
+def read_source(source: str) -> str:
+    """The text of the file ``source``, or standard input when it is ``-``.
+
+    Raises ``typer.BadParameter`` (exit status 2, no traceback) for a file that cannot be read
+    as UTF-8 text, naming the file and the reason but never quoting its content.
+    """
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise typer.BadParameter(f"cannot read {source}: {reason}", param_hint="'--config'") from None
+
+
 def read_config(source: str) -> tenants_pb2.ProviderConfig:
     """A ProviderConfig from a JSON file, or from standard input when ``source`` is ``-``.
 
     The JSON is the protobuf JSON form, e.g.
     ``{"smtp": {"host": "smtp.example.com", "port": 587, "tlsMode": "SMTP_TLS_MODE_STARTTLS", ...}}``.
+    Raises ``typer.BadParameter`` (never quoting the content) if it cannot be read or is not one.
     """
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    text = read_source(source)
     try:
         return json_format.Parse(text, tenants_pb2.ProviderConfig())
     except json_format.ParseError as exc:
@@ -333,7 +349,7 @@ def read_processor_config(source: str) -> tenants_pb2.ProcessorConfig:
     ``{"priority": 1, "adyen": {"apiKey": "...", "merchantAccount": "AcmeECOM", "hmacKeys": ["44782D..."]}}``.
     Raises ``typer.BadParameter`` (never quoting the content) if it is not one.
     """
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    text = read_source(source)
     try:
         return json_format.Parse(text, tenants_pb2.ProcessorConfig())
     except json_format.ParseError as exc:

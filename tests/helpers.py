@@ -7,9 +7,11 @@ import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import TypeVar
+from typing import Any, TypeVar
 
 import asyncpg
+import firebase_admin  # type: ignore[import-untyped]
+import pytest
 
 from channels.registry import TenantProviders
 from channels.worker import ChannelWorker
@@ -70,12 +72,86 @@ async def wait_for(
         await asyncio.sleep(interval_s)
 
 
+async def max_loop_gap(work: Callable[[], Awaitable[T]], tick_s: float = 0.01) -> tuple[T, float]:
+    """Await ``work()`` while a ticker sleeps ``tick_s`` at a time on the same event loop.
+
+    Returns what ``work()`` returned and the longest time between two ticks, in seconds:
+    about ``tick_s`` when the loop kept running, at least the blocking time when
+    something held the loop (a blocking call in a coroutine, a long CPU stretch).
+    """
+    gaps: list[float] = []
+    stop = asyncio.Event()
+
+    async def ticker() -> None:
+        last = time.perf_counter()
+        while True:
+            await asyncio.sleep(tick_s)
+            now = time.perf_counter()
+            gaps.append(now - last)
+            last = now
+            if stop.is_set():
+                return
+
+    task = asyncio.create_task(ticker())
+    await asyncio.sleep(0)  # the ticker's first sleep has begun
+    try:
+        result = await work()
+    finally:
+        stop.set()
+        await task
+    return result, max(gaps)
+
+
+def record_firebase_app_names(monkeypatch: pytest.MonkeyPatch, function: str) -> list[str]:
+    """Wrap ``firebase_admin.<function>`` (``initialize_app`` or ``delete_app``) for the test.
+
+    Returns the list the wrapper appends to: the name of each app it initialized or deleted,
+    in order (from any thread). Calls that raise are not recorded.
+    """
+    names: list[str] = []
+    original = getattr(firebase_admin, function)
+
+    def recording(*args: Any, **kwargs: Any) -> Any:
+        result = original(*args, **kwargs)
+        names.append((result if function == "initialize_app" else args[0]).name)
+        return result
+
+    monkeypatch.setattr(firebase_admin, function, recording)
+    return names
+
+
 async def row_counts(pool: asyncpg.Pool) -> dict[str, int]:
     """Row count of every table the write path touches."""
     counts = {}
     async with pool.acquire() as conn:
         for table in TABLES:
             counts[table] = await conn.fetchval(f"SELECT count(*) FROM {table}")  # noqa: S608
+    return counts
+
+
+async def tenant_row_counts(pool: asyncpg.Pool, tenant_id: uuid.UUID) -> dict[str, int]:
+    """For every table of the database (schema ``public``): how many of its rows belong to
+    ``tenant_id`` when it has a ``tenant_id`` column, else how many rows it has (the outbox,
+    the tenants themselves, ...). Unchanged counts mean nothing of the tenant's was added or
+    removed, and nothing untenanted either."""
+    async with pool.acquire() as conn:
+        tables = await conn.fetch(
+            """SELECT t.table_name::text AS name,
+                      EXISTS (SELECT 1 FROM information_schema.columns c
+                               WHERE c.table_schema = t.table_schema AND c.table_name = t.table_name
+                                 AND c.column_name = 'tenant_id') AS tenanted
+                 FROM information_schema.tables t
+                WHERE t.table_schema = 'public' AND t.table_type = 'BASE TABLE'
+                ORDER BY 1"""
+        )
+        assert tables, "no tables in schema public"
+        counts = {}
+        for table in tables:
+            query = f'SELECT count(*) FROM "{table["name"]}"'  # noqa: S608
+            if table["tenanted"]:
+                counts[table["name"]] = await conn.fetchval(f"{query} WHERE tenant_id = $1", tenant_id)
+            else:
+                counts[table["name"]] = await conn.fetchval(query)
     return counts
 
 
@@ -93,14 +169,24 @@ def tenant_providers(pool: asyncpg.Pool, settings: Settings) -> TenantProviders:
     return TenantProviders(pool, settings, ring)
 
 
+class Pipeline(list[ChannelWorker]):
+    """The workers of :func:`running_pipeline` (a list of them) and the tenant change listener
+    they share (``listener``)."""
+
+    def __init__(self, workers: list[ChannelWorker], listener: TenantChangeListener) -> None:
+        super().__init__(workers)
+        self.listener = listener
+
+
 @contextlib.asynccontextmanager
 async def running_pipeline(
     pool: asyncpg.Pool,
     settings: Settings,
     channels: tuple[str, ...] = ("email", "sms", "push"),
-) -> AsyncIterator[list[ChannelWorker]]:
+) -> AsyncIterator[Pipeline]:
     """Run a relay, a tenant change listener and one worker per channel as tasks
-    for the duration of the block (like a worker and a relay process)."""
+    for the duration of the block (like a worker and a relay process); yields the
+    workers with the listener."""
     relay = OutboxRelay(pool, settings)
     providers = tenant_providers(pool, settings)
     listener = TenantChangeListener(
@@ -111,7 +197,7 @@ async def running_pipeline(
     tasks += [asyncio.create_task(w.run()) for w in workers]
     try:
         await asyncio.wait_for(listener.connected.wait(), 30)
-        yield workers
+        yield Pipeline(workers, listener)
     finally:
         relay.stop()
         listener.stop()
