@@ -21,7 +21,7 @@ from switchboard.settings import Settings
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tenants.sealing import MasterKeyRing
 from tests.conftest import ADMIN_TOKEN
-from tests.helpers import send_request
+from tests.helpers import new_request_id, send_request
 
 if TYPE_CHECKING:
     Admin = tenants_pb2_grpc.TenantAdminServiceAsyncStub
@@ -51,7 +51,9 @@ async def tokenless_admin(
 
 
 async def create_tenant(admin: Admin, name: str) -> str:
-    reply = await admin.CreateTenant(tenants_pb2.CreateTenantRequest(name=name), metadata=OPERATOR)
+    reply = await admin.CreateTenant(
+        tenants_pb2.CreateTenantRequest(request_id=new_request_id(), name=name), metadata=OPERATOR
+    )
     return reply.tenant.tenant_id
 
 
@@ -99,7 +101,9 @@ async def every_row_as_text(pool: asyncpg.Pool) -> dict[str, list[str]]:
 
 async def test_api_keys_store_only_the_sha256_of_the_secret(admin: Admin, pool: asyncpg.Pool) -> None:
     tenant_id = await create_tenant(admin, "hashed")
-    reply = await admin.CreateApiKey(tenants_pb2.CreateApiKeyRequest(tenant_id=tenant_id), metadata=OPERATOR)
+    reply = await admin.CreateApiKey(
+        tenants_pb2.CreateApiKeyRequest(request_id=new_request_id(), tenant_id=tenant_id), metadata=OPERATOR
+    )
     token = reply.secret  # sb_<key id>_<secret>, shown once
     key_id, secret = token.removeprefix("sb_").split("_", 1)
     assert key_id == reply.api_key.key_id
@@ -157,7 +161,7 @@ async def test_provider_config_reads_hide_the_secret(provider: str, admin: Admin
 
     set_reply = await admin.SetProviderConfig(
         tenants_pb2.SetProviderConfigRequest(
-            tenant_id=tenant_id, channel=channel, config=make_config(secret)
+            request_id=new_request_id(), tenant_id=tenant_id, channel=channel, config=make_config(secret)
         ),
         metadata=OPERATOR,
     )
@@ -193,7 +197,8 @@ async def test_api_keys_and_the_operator_token_never_appear_in_logs(
         with capture_logs() as structlog_events:
             tenant_id = await create_tenant(admin, "logged")
             created = await admin.CreateApiKey(
-                tenants_pb2.CreateApiKeyRequest(tenant_id=tenant_id), metadata=OPERATOR
+                tenants_pb2.CreateApiKeyRequest(request_id=new_request_id(), tenant_id=tenant_id),
+                metadata=OPERATOR,
             )
             tenant_key = (("authorization", f"Bearer {created.secret}"),)
             await stub.SendNotification(send_request(), metadata=tenant_key)
@@ -211,7 +216,9 @@ async def test_api_keys_and_the_operator_token_never_appear_in_logs(
                     await call
                 refusals.append(caught.value)
             await admin.RevokeApiKey(
-                tenants_pb2.RevokeApiKeyRequest(tenant_id=tenant_id, key_id=created.api_key.key_id),
+                tenants_pb2.RevokeApiKeyRequest(
+                    request_id=new_request_id(), tenant_id=tenant_id, key_id=created.api_key.key_id
+                ),
                 metadata=OPERATOR,
             )
             with pytest.raises(grpc.aio.AioRpcError) as caught:

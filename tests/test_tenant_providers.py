@@ -320,7 +320,8 @@ async def test_a_config_change_and_a_disabled_tenant_reach_a_worker_process_with
         third = await stub.SendNotification(email_only(), metadata=tenant.metadata)
         disabled_at = datetime.now(UTC)
         await admin.DisableTenant(
-            tenants_pb2.DisableTenantRequest(tenant_id=str(tenant.tenant_id)), metadata=OPERATOR
+            tenants_pb2.DisableTenantRequest(request_id=new_request_id(), tenant_id=str(tenant.tenant_id)),
+            metadata=OPERATOR,
         )
         seen_at = await nth_change_logged(log_path, tenant.tenant_id, 2)
         disable_delay_s = (seen_at - disabled_at).total_seconds()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from typing import TypeAlias
 
 import asyncpg
@@ -50,3 +52,20 @@ async def create_pool(settings: Settings) -> asyncpg.Pool:
     )
     assert pool is not None
     return pool
+
+
+@asynccontextmanager
+async def read_snapshot(pool: asyncpg.Pool) -> AsyncIterator[Connection]:
+    """A pooled connection inside a ``REPEATABLE READ READ ONLY`` transaction.
+
+    Every query made on it sees the same snapshot of the database (PostgreSQL
+    docs, "Transaction Isolation"), so a read made of several statements, such
+    as a payment and then its attempts and transitions, is never torn by a commit
+    landing between them. Read-only: a write on it raises
+    ``asyncpg.ReadOnlySQLTransactionError``.
+    """
+    async with (
+        pool.acquire() as connection,
+        connection.transaction(isolation="repeatable_read", readonly=True),
+    ):
+        yield connection
