@@ -10,16 +10,21 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TypeVar
 
 import asyncpg
+from aiokafka.partitioner import DefaultPartitioner
 
 from channels.registry import TenantProviders
 from channels.worker import ChannelWorker
 from gateway.relay import OutboxRelay
+from switchboard.fakes.twilio import FakeTwilio
 from switchboard.notify.v1 import notify_pb2
 from switchboard.settings import Settings
+from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tenants.invalidation import TenantChangeListener
 from tenants.sealing import MasterKeyRing
 
 T = TypeVar("T")
+#: The From number of the tenants' fake Twilio accounts (Twilio's magic test number).
+TWILIO_FROM = "+15005550006"
 TABLES = ("notifications", "deliveries", "delivery_attempts", "outbox", "idempotency_keys")
 
 
@@ -114,3 +119,34 @@ async def running_pipeline(
             worker.stop()
         await asyncio.gather(*tasks)
         await providers.close()
+
+
+def partition_of(tenant_id: uuid.UUID, partitions: int) -> int:
+    """The partition a record keyed by ``tenant_id`` lands on (aiokafka's default
+    partitioner: murmur2 of the key, as the relay's producer uses)."""
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(str(tenant_id).encode(), every, every))
+
+
+async def use_fake_twilio(
+    admin: tenants_pb2_grpc.TenantAdminServiceAsyncStub,
+    operator: tuple[tuple[str, str], ...],
+    tenant_id: uuid.UUID,
+    fake: FakeTwilio,
+) -> None:
+    """Make ``fake`` (a started FakeTwilio) the tenant's SMS provider, through the admin API."""
+    await admin.SetProviderConfig(
+        tenants_pb2.SetProviderConfigRequest(
+            tenant_id=str(tenant_id),
+            channel=notify_pb2.CHANNEL_SMS,
+            config=tenants_pb2.ProviderConfig(
+                twilio=tenants_pb2.TwilioConfig(
+                    account_sid=fake.account_sid,
+                    auth_token=fake.auth_token,
+                    from_number=TWILIO_FROM,
+                    base_url=fake.base_url,
+                )
+            ),
+        ),
+        metadata=operator,
+    )
