@@ -6,10 +6,12 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import TypeVar
 
 import asyncpg
+import psutil
+from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.partitioner import DefaultPartitioner
 
 from channels.registry import TenantProviders
@@ -150,3 +152,36 @@ async def use_fake_twilio(
         ),
         metadata=operator,
     )
+
+
+async def group_offsets(settings: Settings, topic: str, group: str) -> dict[int, int]:
+    """partition -> offset consumer group ``group`` committed on ``topic`` (partitions without
+    a commit left out). Reads by manual assignment: it does not join the group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
+        consumer.assign(partitions)
+        found = {tp.partition: await consumer.committed(tp) for tp in partitions}
+    finally:
+        await consumer.stop()
+    return {partition: offset for partition, offset in found.items() if offset is not None}
+
+
+@contextlib.contextmanager
+def suspended(pid: int | None) -> Iterator[None]:
+    """SIGSTOP process ``pid`` and all its children (a server that hangs: connections stay
+    open, requests get no answer); SIGCONT them on the way out, whatever happened."""
+    assert pid is not None, "the process is not running"
+    parent = psutil.Process(pid)
+    processes = [parent, *parent.children(recursive=True)]
+    try:
+        for process in processes:
+            process.suspend()
+        yield
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()

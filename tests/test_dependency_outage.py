@@ -4,7 +4,6 @@ reports NOT_SERVING, and recovers by itself when the database returns."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -12,7 +11,6 @@ from pathlib import Path
 
 import asyncpg
 import grpc
-import psutil
 import pytest
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,7 +24,7 @@ from switchboard.payments.v1 import payments_pb2_grpc
 from switchboard.settings import Settings
 from tenants.sealing import MasterKeyRing
 from tests.conftest import make_tenant
-from tests.helpers import send_request
+from tests.helpers import send_request, suspended
 from tests.test_gateway import rich_status
 from tests.test_payment_service import create_request
 
@@ -101,24 +99,6 @@ async def test_database_outage_is_unavailable_within_the_deadline_and_recovers(
         assert accepted.notification_id
 
 
-@contextlib.contextmanager
-def stalled(server: EmbeddedPostgres) -> Iterator[None]:
-    """SIGSTOP the postmaster and every backend: connections stay open and queries,
-    connects and cancel requests get no answer (a hung server, not a refusing one).
-    Everything is SIGCONTed on the way out, whatever happened."""
-    assert server.pid is not None
-    postmaster = psutil.Process(server.pid)
-    processes = [postmaster, *postmaster.children(recursive=True)]
-    try:
-        for process in processes:
-            process.suspend()
-        yield
-    finally:
-        for process in processes:
-            with contextlib.suppress(psutil.NoSuchProcess):
-                process.resume()
-
-
 #: The client's deadline in the stall test, and how much later than it an answer may come.
 DEADLINE_S, LATE_MARGIN_S = 1.0, 0.25
 
@@ -159,7 +139,7 @@ async def test_every_rpc_answers_within_the_deadline_while_postgres_is_stalled_a
         for call in calls(5).values():
             await call()  # every path warm: auth cached, statements prepared
         answers: dict[str, tuple[str, float]] = {}
-        with stalled(postgres):
+        with suspended(postgres.pid):  # PostgreSQL stalls: every process SIGSTOPped
             for _ in range(2):  # the second round finds the pool's connections still held by the first
                 for name, call in calls(DEADLINE_S).items():
                     started = time.monotonic()
