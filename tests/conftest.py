@@ -32,6 +32,7 @@ from switchboard.notify.v1 import notify_pb2_grpc
 from switchboard.settings import Settings
 from tenants.sealing import MasterKeyRing, generate_master_key
 from tenants.store import create_api_key, create_tenant
+from tests.figures import pytest_terminal_summary, report_figures  # noqa: F401 (hook, fixture)
 
 TEMPLATE_DB = "switchboard_template"
 ADMIN_TOKEN = "test-operator-token-0123456789"

@@ -6,22 +6,29 @@ import asyncio
 import contextlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import asyncpg
 import firebase_admin  # type: ignore[import-untyped]
+import psutil
 import pytest
+from aiokafka import AIOKafkaConsumer, TopicPartition
+from aiokafka.partitioner import DefaultPartitioner
 
 from channels.registry import TenantProviders
 from channels.worker import ChannelWorker
 from gateway.relay import OutboxRelay
+from switchboard.fakes.twilio import FakeTwilio
 from switchboard.notify.v1 import notify_pb2
 from switchboard.settings import Settings
+from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tenants.invalidation import TenantChangeListener
 from tenants.sealing import MasterKeyRing
 
 T = TypeVar("T")
+#: The From number of the tenants' fake Twilio accounts (Twilio's magic test number).
+TWILIO_FROM = "+15005550006"
 TABLES = ("notifications", "deliveries", "delivery_attempts", "outbox", "idempotency_keys")
 
 
@@ -205,3 +212,67 @@ async def running_pipeline(
             worker.stop()
         await asyncio.gather(*tasks)
         await providers.close()
+
+
+def partition_of(tenant_id: uuid.UUID, partitions: int) -> int:
+    """The partition a record keyed by ``tenant_id`` lands on (aiokafka's default
+    partitioner: murmur2 of the key, as the relay's producer uses)."""
+    every = list(range(partitions))
+    return int(DefaultPartitioner()(str(tenant_id).encode(), every, every))
+
+
+async def use_fake_twilio(
+    admin: tenants_pb2_grpc.TenantAdminServiceAsyncStub,
+    operator: tuple[tuple[str, str], ...],
+    tenant_id: uuid.UUID,
+    fake: FakeTwilio,
+) -> None:
+    """Make ``fake`` (a started FakeTwilio) the tenant's SMS provider, through the admin API."""
+    await admin.SetProviderConfig(
+        tenants_pb2.SetProviderConfigRequest(
+            tenant_id=str(tenant_id),
+            channel=notify_pb2.CHANNEL_SMS,
+            config=tenants_pb2.ProviderConfig(
+                twilio=tenants_pb2.TwilioConfig(
+                    account_sid=fake.account_sid,
+                    auth_token=fake.auth_token,
+                    from_number=TWILIO_FROM,
+                    base_url=fake.base_url,
+                )
+            ),
+        ),
+        metadata=operator,
+    )
+
+
+async def group_offsets(settings: Settings, topic: str, group: str) -> dict[int, int]:
+    """partition -> offset consumer group ``group`` committed on ``topic`` (partitions without
+    a commit left out). Reads by manual assignment: it does not join the group."""
+    consumer = AIOKafkaConsumer(
+        bootstrap_servers=settings.kafka_bootstrap, group_id=group, enable_auto_commit=False
+    )
+    await consumer.start()
+    try:
+        partitions = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
+        consumer.assign(partitions)
+        found = {tp.partition: await consumer.committed(tp) for tp in partitions}
+    finally:
+        await consumer.stop()
+    return {partition: offset for partition, offset in found.items() if offset is not None}
+
+
+@contextlib.contextmanager
+def suspended(pid: int | None) -> Iterator[None]:
+    """SIGSTOP process ``pid`` and all its children (a server that hangs: connections stay
+    open, requests get no answer); SIGCONT them on the way out, whatever happened."""
+    assert pid is not None, "the process is not running"
+    parent = psutil.Process(pid)
+    processes = [parent, *parent.children(recursive=True)]
+    try:
+        for process in processes:
+            process.suspend()
+        yield
+    finally:
+        for process in processes:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                process.resume()
