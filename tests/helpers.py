@@ -230,6 +230,7 @@ async def use_fake_twilio(
     """Make ``fake`` (a started FakeTwilio) the tenant's SMS provider, through the admin API."""
     await admin.SetProviderConfig(
         tenants_pb2.SetProviderConfigRequest(
+            request_id=new_request_id(),
             tenant_id=str(tenant_id),
             channel=notify_pb2.CHANNEL_SMS,
             config=tenants_pb2.ProviderConfig(
