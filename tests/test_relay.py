@@ -148,9 +148,13 @@ async def test_rows_written_while_the_broker_is_down_are_published_and_delivered
         await wait_for(lambda: _all_delivered(pool, before), timeout_s=60)
 
         own_broker.stop()
-        during = await accept_many(pool, tenant.tenant_id, 20, settings)
-        # Bounded wait: several publish attempts fail meanwhile (no event marks them).
-        await asyncio.sleep(1.0)
+        with capture_logs() as logs:
+
+            async def relay_failed() -> bool:
+                return any(e["event"].startswith("relay: round failed") for e in logs)
+
+            during = await accept_many(pool, tenant.tenant_id, 20, settings)
+            await wait_for(relay_failed, timeout_s=30)  # it tried, and nothing went out
         assert await unpublished(pool) == len(during)
 
         own_broker.start()
