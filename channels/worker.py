@@ -61,6 +61,8 @@ class ChannelWorker:
         self._stopping = asyncio.Event()
         self._lanes: _Lanes | None = None
         self.outcomes: dict[Outcome, int] = defaultdict(int)
+        #: Offset commits made (``worker_commit_interval_ms`` spaces them while busy).
+        self.commits = 0
 
     @property
     def in_flight(self) -> int:
@@ -120,11 +122,15 @@ class ChannelWorker:
         ``worker_max_in_flight`` records (every partition paused beyond). A record's offset
         is committed only once it and every earlier record of its partition have
         their outcome recorded (at-least-once; the idempotent ``deliver`` absorbs
-        what a restart consumes again). Partitions that were revoked are not
-        committed by us; their new owner consumes them again.
+        what a restart consumes again), and at most once per
+        ``worker_commit_interval_ms`` while busy, then once more on stop. Partitions
+        that were revoked are not committed by us; their new owner consumes them again.
         """
         lanes = self._lanes = _Lanes(self.handle_record)
         lane_limit = self._settings.worker_max_in_flight_per_tenant
+        loop = asyncio.get_running_loop()
+        commit_every_s = self._settings.worker_commit_interval_ms / 1000
+        next_commit = loop.time()
         #: Partitions paused because one of their lanes is full.
         full: set[TopicPartition] = set()
         try:
@@ -132,6 +138,7 @@ class ChannelWorker:
                 self._providers.cache.expire()  # release tenants idle past the TTL even when quiet
                 lanes.raise_failure()
                 assigned = consumer.assignment()
+                lanes.forget_unassigned(assigned)
                 full = {tp for tp in full if tp in assigned and lanes.longest_lane(tp) > lane_limit // 2}
                 # At the global bound every partition is paused, but polling goes on: a consumer
                 # that stops calling poll for max_poll_interval_ms is put out of its group.
@@ -148,7 +155,10 @@ class ChannelWorker:
                         consumer.seek(tp, held)
                         consumer.pause(tp)
                         full.add(tp)
-                await self._commit_done(consumer, lanes)
+                # At most one commit per interval: each is a round trip to the group coordinator,
+                # and what it would move is already recorded (a crash only redelivers it).
+                if loop.time() >= next_commit and await self._commit_done(consumer, lanes):
+                    next_commit = loop.time() + commit_every_s
             await lanes.finish()  # stop(): let every lane finish, then commit
             lanes.raise_failure()
             await self._commit_done(consumer, lanes)
@@ -156,13 +166,16 @@ class ChannelWorker:
             await lanes.cancel()
             self._lanes = None
 
-    async def _commit_done(self, consumer: AIOKafkaConsumer, lanes: _Lanes) -> None:
+    async def _commit_done(self, consumer: AIOKafkaConsumer, lanes: _Lanes) -> bool:
+        """Commit what :meth:`_Lanes.committable` allows; return whether anything was committed."""
         assigned = consumer.assignment()
         lanes.forget_unassigned(assigned)
         offsets = lanes.committable()
         if offsets:
             await self.commit_offsets(consumer, {tp: OffsetAndMetadata(o, "") for tp, o in offsets.items()})
             lanes.committed(offsets)
+            self.commits += 1
+        return bool(offsets)
 
     async def commit_offsets(
         self, consumer: AIOKafkaConsumer, offsets: dict[TopicPartition, OffsetAndMetadata]

@@ -126,6 +126,15 @@ class Settings(BaseSettings):
             "records a channel worker holds (fetched, outcome not recorded); every partition paused beyond"
         ),
     )
+    worker_commit_interval_ms: int = Field(
+        default=200,
+        ge=0,
+        description=(
+            "shortest time between two offset commits of a busy channel worker (0: after every poll);"
+            " outcomes are recorded before their offsets are committed, so a crash only redelivers"
+            " events the idempotent consumer skips"
+        ),
+    )
     worker_max_in_flight_per_tenant: int = Field(
         default=100,
         ge=1,

@@ -17,13 +17,20 @@ from aiosmtpd.smtp import SMTP, Envelope, Session
 
 from channels.catalog import dead_letter_topic
 from channels.delivery import Outcome, RetryPolicy, backoff_delay_s, deliver
-from channels.worker import ChannelWorker
+from channels.worker import ChannelWorker, consumer_group
 from gateway.relay import OutboxRelay
 from switchboard.embedded import free_port
 from switchboard.notify.v1 import events_pb2, notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
 from tests.conftest import SmtpSink, TenantCredentials
-from tests.helpers import running_pipeline, send_request, tenant_providers, wait_for
+from tests.helpers import (
+    group_offsets,
+    partition_of,
+    running_pipeline,
+    send_request,
+    tenant_providers,
+    wait_for,
+)
 
 if TYPE_CHECKING:
     Stub = notify_pb2_grpc.NotificationServiceAsyncStub
@@ -250,3 +257,26 @@ def test_backoff_is_full_jitter_capped_exponential() -> None:
         assert min(samples) >= 0.0
         assert max(samples) <= ceiling
         assert max(samples) > 0.8 * ceiling  # spread over the whole range (full jitter)
+
+
+async def test_a_busy_worker_commits_at_most_once_per_interval_and_everything_on_stop(
+    stub: Stub, tenant: TenantCredentials, pool: asyncpg.Pool, settings: Settings, smtp_sink: SmtpSink
+) -> None:
+    settings.worker_commit_interval_ms = 3_600_000  # one commit, then none for an hour
+    accepted = [await stub.SendNotification(email_only(), metadata=tenant.metadata) for _ in range(20)]
+    delivery_ids = {d.delivery_id for a in accepted for d in a.deliveries}
+    async with running_pipeline(pool, settings, channels=("email",)) as pipeline:
+        (worker,) = pipeline
+
+        async def all_delivered() -> bool:
+            return all(smtp_sink.messages_for_delivery(d) for d in delivery_ids)
+
+        await wait_for(all_delivered, timeout_s=60)
+        assert worker.outcomes[Outcome.DELIVERED] == 20
+        assert worker.commits <= 1  # however many polls it took
+    # stop() committed the rest: a new member of the group would start after the last event.
+    assert worker.commits <= 2
+    topic = f"{settings.kafka_topic_prefix}notify.email"
+    committed = await group_offsets(settings, topic, consumer_group("email", settings.kafka_topic_prefix))
+    # One tenant: one key, one partition, offsets 0..19 (a fresh topic for this test).
+    assert committed == {partition_of(tenant.tenant_id, settings.kafka_partitions): 20}
