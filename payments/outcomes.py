@@ -316,8 +316,21 @@ async def move_operation(
 ) -> CaptureStatus | RefundStatus:
     """Apply ``event`` (None: keep the status) to the locked capture or refund ``op``, set its
     ``next_lookup_at`` and, when given, its processor reference, failure fields and lookup count;
-    touch the payment and notify its watchers. Returns the operation's new status."""
+    record a status change in the operation's history
+    (:func:`payments.store.record_operation_transition`, detail: the failure message); touch the
+    payment and notify its watchers. Returns the operation's new status."""
     status = op.status if event is None else next_status(op.status, event)
+    if status is not op.status:
+        await store.record_operation_transition(
+            conn,
+            payment.tenant_id,
+            payment.id,
+            op.status,
+            status,
+            event,
+            operation_id=op.id,
+            detail=failure_message or "",
+        )
     await conn.execute(
         _OPERATION_UPDATE[op.kind],
         op.id,
