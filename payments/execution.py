@@ -114,10 +114,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 import asyncpg
 import structlog
-import uuid6
 
-from channels.catalog import payment_commands_topic
-from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
 from payments import store
 from payments.outcomes import (
     OPEN_ATTEMPT_PAYMENT_STATUS,
@@ -344,34 +341,14 @@ def charge_request(payment: store.PaymentRow, attempt_no: int) -> ChargeRequest:
     )
 
 
-async def enqueue_command(
-    conn: Connection,
-    topic_prefix: str,
-    payment: store.PaymentRow,
-    kind: events_pb2.PaymentCommandKind.ValueType,
-    available_at: datetime,
+async def _enqueue_create(
+    conn: Connection, topic_prefix: str, payment: store.PaymentRow, due: datetime
 ) -> None:
-    """Write a ``PaymentCommand`` for ``payment`` to the outbox, due at ``available_at`` (the relay
-    publishes it then, on ``<prefix>payments.commands``, key = tenant id)."""
-    now = utc_now()
-    command = events_pb2.PaymentCommand(
-        command_id=str(uuid6.uuid7()),
-        kind=kind,
-        tenant_id=str(payment.tenant_id),
-        payment_id=str(payment.id),
-        request_id=payment.request_id,
+    """Defer ``payment``'s charge: a new CREATE command in the outbox, due at ``due``."""
+    command = store.payment_command(
+        events_pb2.PAYMENT_COMMAND_KIND_CREATE, payment.tenant_id, payment.id, payment.request_id, utc_now()
     )
-    command.request_time.FromDatetime(now)
-    await conn.execute(
-        """WITH o AS (INSERT INTO outbox (topic, key, payload, available_at) VALUES ($1, $2, $3, $4)
-                      RETURNING 1)
-           SELECT pg_notify($5, '') FROM o""",
-        payment_commands_topic(topic_prefix),
-        str(payment.tenant_id).encode("ascii"),
-        command.SerializeToString(),
-        available_at,
-        OUTBOX_NOTIFY_CHANNEL,
-    )
+    await store.enqueue_command(conn, topic_prefix, command, available_at=due)
 
 
 # --- calling a processor --------------------------------------------------------------------------
@@ -577,7 +554,6 @@ async def _start_next_attempt(
     """
     now = ex.clock()
     pick = await _pick(ex, conn, payment, tried, usable)
-    create = events_pb2.PAYMENT_COMMAND_KIND_CREATE
     if pick.defer_s is not None:
         due = now + timedelta(seconds=pick.defer_s)
         if payment.status is _P.FAILED:
@@ -588,7 +564,7 @@ async def _start_next_attempt(
             )
             lease = due + timedelta(seconds=ex.policy.lookup_after_s)
             await _set_attempt_lease(conn, payment, attempt_no, lease)
-        await enqueue_command(conn, ex.topic_prefix, payment, create, due)
+        await _enqueue_create(conn, ex.topic_prefix, payment, due)
         log.info("payment deferred: breakers open", payment_id=str(payment.id), defer_s=pick.defer_s)
         return Outcome.DEFERRED
     if pick.name is None:
@@ -662,7 +638,7 @@ async def _begin_charge(ex: Executor, tenant_id: uuid.UUID, payment_id: uuid.UUI
             due = now + timedelta(seconds=defer_s)
             lease = due + timedelta(seconds=ex.policy.lookup_after_s)
             await _set_attempt_lease(conn, payment, attempt.attempt_no, lease)
-            await enqueue_command(conn, ex.topic_prefix, payment, events_pb2.PAYMENT_COMMAND_KIND_CREATE, due)
+            await _enqueue_create(conn, ex.topic_prefix, payment, due)
             return Outcome.DEFERRED
         # Taken over (a redelivered command after a crash, a deferred failover): send again with
         # the SAME key; the processor answers the first request's result if there was one.
@@ -1357,7 +1333,10 @@ async def execute_cancel(
             await record_canceled(conn, ex, current, current.cancellation_reason)
             return Outcome.SUCCEEDED
         if answer is not None and answer.status is ProcessorStatus.PROCESSING:
+            # In the processor's hands (its webhook reports the outcome): no lookup, and the
+            # payment sweeper leaves it (cancel_accepted_at, migration 0018).
             await _set_cancel_lookup(conn, current, None)
+            await conn.execute("UPDATE payments SET cancel_accepted_at = now() WHERE id = $1", payment_id)
             return Outcome.PROCESSING
         error = result.error
         not_done = answer is not None or isinstance(error, Declined) or result.proves_not_done(fresh)

@@ -865,23 +865,26 @@ t AS (
     SELECT $1, p.id, $17, NULL, 'requires_processing', 'created' FROM p
 ),
 o AS (
-    INSERT INTO outbox (topic, key, payload, created_at)
-    SELECT $18, $19, $20, $17 FROM p
+    INSERT INTO outbox (topic, key, payload, created_at, payment_operation_id)
+    SELECT $18, $19, $20, $17, p.id FROM p
 )
 SELECT EXISTS (SELECT 1 FROM k) AS inserted,
        CASE WHEN EXISTS (SELECT 1 FROM k) THEN pg_notify($21, '') END AS notified"""  # noqa: S608
 
 
-def _command(
+def payment_command(
     kind: events_pb2.PaymentCommandKind.ValueType,
     tenant_id: uuid.UUID,
     payment_id: uuid.UUID,
     request_id: str,
-    now: datetime,
+    requested_at: datetime,
     *,
     capture_id: uuid.UUID | None = None,
     refund_id: uuid.UUID | None = None,
-) -> bytes:
+) -> events_pb2.PaymentCommand:
+    """A new ``PaymentCommand`` (fresh UUIDv7 ``command_id``) asking the payment worker to do ``kind``
+    for ``payment_id`` (and ``capture_id`` / ``refund_id`` for CAPTURE / REFUND); ``request_id`` and
+    ``requested_at`` (timezone-aware) name the request that asked for it."""
     return events_pb2.PaymentCommand(
         command_id=str(uuid6.uuid7()),
         kind=kind,
@@ -890,30 +893,48 @@ def _command(
         capture_id=str(capture_id) if capture_id else "",
         refund_id=str(refund_id) if refund_id else "",
         request_id=request_id,
-        request_time=_timestamp(now),
-    ).SerializeToString()
+        request_time=_timestamp(requested_at),
+    )
 
 
-async def _enqueue(
+def command_operation_id(command: events_pb2.PaymentCommand) -> uuid.UUID:
+    """The operation ``command`` asks for, stored as ``outbox.payment_operation_id`` (migration 0018):
+    the capture id (CAPTURE), the refund id (REFUND), else the payment id (CREATE, CANCEL).
+    Raises ``ValueError`` for an id that is not a UUID."""
+    if command.kind == events_pb2.PAYMENT_COMMAND_KIND_CAPTURE:
+        return uuid.UUID(command.capture_id)
+    if command.kind == events_pb2.PAYMENT_COMMAND_KIND_REFUND:
+        return uuid.UUID(command.refund_id)
+    return uuid.UUID(command.payment_id)
+
+
+#: Writes one PaymentCommand outbox row and wakes the relay. Columns: topic, key, payload,
+#: available_at (NULL: now), payment_operation_id.
+ENQUEUE_COMMAND_SQL: Final = """
+WITH o AS (INSERT INTO outbox (topic, key, payload, available_at, payment_operation_id)
+           VALUES ($1, $2, $3, coalesce($4, now()), $5) RETURNING 1)
+SELECT pg_notify($6, '') FROM o"""
+
+
+async def enqueue_command(
     conn: Connection,
     topic_prefix: str,
-    tenant_id: uuid.UUID,
-    payment_id: uuid.UUID,
-    command: bytes,
-    now: datetime,
+    command: events_pb2.PaymentCommand,
+    *,
+    available_at: datetime | None = None,
 ) -> None:
-    """Write the command's outbox row; NOTIFY the relay and the payment's watchers."""
+    """Write ``command`` to the transactional outbox in the caller's transaction: topic
+    ``<prefix>payments.commands``, key = the tenant id, ``payment_operation_id`` =
+    :func:`command_operation_id` (what the payment sweeper looks at), due at ``available_at``
+    (default now; the relay publishes it then). NOTIFYs the relay."""
     await conn.execute(
-        """WITH o AS (INSERT INTO outbox (topic, key, payload, created_at)
-                      VALUES ($1, $2, $3, $4) RETURNING 1)
-           SELECT pg_notify($5, ''), pg_notify($6, $7) FROM o""",
+        ENQUEUE_COMMAND_SQL,
         payment_commands_topic(topic_prefix),
-        str(tenant_id).encode("ascii"),
-        command,
-        now,
+        command.tenant_id.encode("ascii"),
+        command.SerializeToString(),
+        available_at,
+        command_operation_id(command),
         OUTBOX_NOTIFY_CHANNEL,
-        PAYMENT_STATUS_CHANNEL,
-        str(payment_id),
     )
 
 
@@ -988,7 +1009,7 @@ async def create_payment(
     response = payments_pb2.CreatePaymentResponse(payment=payment)
     fingerprint = request_fingerprint("CreatePayment", request)
     kind = events_pb2.PAYMENT_COMMAND_KIND_CREATE
-    command = _command(kind, tenant_id, payment_id, request.request_id, now)
+    command = payment_command(kind, tenant_id, payment_id, request.request_id, now).SerializeToString()
     record = await pool.fetchrow(
         _CREATE_SQL,
         tenant_id,
@@ -1172,8 +1193,9 @@ async def capture_payment(
         )
         await conn.execute("UPDATE payments SET updated_at = $2 WHERE id = $1", payment.id, now)
         kind = events_pb2.PAYMENT_COMMAND_KIND_CAPTURE
-        command = _command(kind, tenant_id, payment.id, request.request_id, now, capture_id=capture_id)
-        await _enqueue(conn, topic_prefix, tenant_id, payment.id, command, now)
+        command = payment_command(kind, tenant_id, payment.id, request.request_id, now, capture_id=capture_id)
+        await enqueue_command(conn, topic_prefix, command)
+        await notify_payment_changed(conn, payment.id)
         capture = _capture_message(
             {
                 "id": capture_id,
@@ -1271,10 +1293,11 @@ async def cancel_payment(
             await record_transition(
                 conn, tenant_id, payment.id, payment.status, to_status, trigger, detail=request.reason
             )
-        command = _command(
+        command = payment_command(
             events_pb2.PAYMENT_COMMAND_KIND_CANCEL, tenant_id, payment.id, request.request_id, now
         )
-        await _enqueue(conn, topic_prefix, tenant_id, payment.id, command, now)
+        await enqueue_command(conn, topic_prefix, command)
+        await notify_payment_changed(conn, payment.id)
         current = await get_payment(conn, tenant_id, payment.id)
         assert current is not None
         return payments_pb2.CancelPaymentResponse(payment=current)
@@ -1365,8 +1388,9 @@ async def refund_payment(
         )
         await conn.execute("UPDATE payments SET updated_at = $2 WHERE id = $1", payment.id, now)
         kind = events_pb2.PAYMENT_COMMAND_KIND_REFUND
-        command = _command(kind, tenant_id, payment.id, request.request_id, now, refund_id=refund_id)
-        await _enqueue(conn, topic_prefix, tenant_id, payment.id, command, now)
+        command = payment_command(kind, tenant_id, payment.id, request.request_id, now, refund_id=refund_id)
+        await enqueue_command(conn, topic_prefix, command)
+        await notify_payment_changed(conn, payment.id)
         refund = _refund_message(
             {
                 "id": refund_id,

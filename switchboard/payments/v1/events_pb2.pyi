@@ -57,7 +57,10 @@ class PaymentCommand(_message.Message):
     tenant id) that the outbox relay publishes for the payment worker. It
     carries ids only: the worker reads and locks the payment row, applies the
     state machine, and skips a command whose work is already done (idempotent
-    consumer), so a republished command never charges twice.
+    consumer), so a republished command never charges twice. A command whose
+    operation is still not started SWITCHBOARD_PAYMENT_SWEEP_AFTER_S after it
+    was published is presumed lost by the broker and published again (a copy
+    with a new command_id) by the payment sweeper.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -83,10 +86,14 @@ class PaymentCommand(_message.Message):
     refund_id: _builtins.str
     """For PAYMENT_COMMAND_KIND_REFUND: the refund id (UUID); empty otherwise."""
     request_id: _builtins.str
-    """The request_id of the call that produced the command."""
+    """The request_id of the call that produced the command (empty on a CANCEL
+    that the payment sweeper published again: that request_id is not kept).
+    """
     @_builtins.property
     def request_time(self) -> _timestamp_pb2.Timestamp:
-        """When the command was committed."""
+        """When the operation was requested (the payment sweeper publishes a lost
+        command again with the original request's time).
+        """
 
     def __init__(
         self,
