@@ -544,6 +544,19 @@ async def _pick(
     return _Pick(None, max(MIN_DEFER_S, wait_s), candidates)
 
 
+async def _start_attempt(
+    ex: Executor, conn: Connection, payment: store.PaymentRow, processor: str, detail: str
+) -> int:
+    """:func:`payments.store.start_attempt` (REQUIRES_PROCESSING or FAILED -> PROCESSING) and its
+    ``payment.processing`` event (attempt number and processor); returns the attempt number."""
+    attempt_no = await store.start_attempt(conn, payment, processor, detail=detail)
+    trigger = PaymentTrigger.ATTEMPT_STARTED
+    if payment.status is _P.FAILED:
+        trigger = PaymentTrigger.FAILOVER_ATTEMPT_STARTED
+    await publish_event(conn, ex, payment, payment.status, trigger, attempt_no=attempt_no)
+    return attempt_no
+
+
 async def _start_next_attempt(
     ex: Executor, conn: Connection, payment: store.PaymentRow, tried: set[str], usable: tuple[str, ...]
 ) -> _Send | Outcome | None:
@@ -559,8 +572,8 @@ async def _start_next_attempt(
         if payment.status is _P.FAILED:
             # FAILED is final to clients: the failover attempt starts in this transaction and
             # is sent when the command comes back.
-            attempt_no = await store.start_attempt(
-                conn, payment, pick.candidates[0], detail=f"failover to {pick.candidates[0]}, breaker open"
+            attempt_no = await _start_attempt(
+                ex, conn, payment, pick.candidates[0], f"failover to {pick.candidates[0]}, breaker open"
             )
             lease = due + timedelta(seconds=ex.policy.lookup_after_s)
             await _set_attempt_lease(conn, payment, attempt_no, lease)
@@ -598,7 +611,7 @@ async def _start_next_attempt(
         )
         return Outcome.FAILED
     detail = f"processor {pick.name}" if not tried else f"failover to {pick.name}"
-    attempt_no = await store.start_attempt(conn, payment, pick.name, detail=detail)
+    attempt_no = await _start_attempt(ex, conn, payment, pick.name, detail)
     lease = now + timedelta(seconds=ex.policy.lookup_after_s)
     fresh = await _claim_send(conn, payment, attempt_no, lease)
     return _Send(payment, attempt_no, pick.name, lease, fresh=fresh)
@@ -987,19 +1000,12 @@ async def _lock_op(
 
 
 async def _refuse_op(
-    conn: Connection, payment: store.PaymentRow, op: _Op, code: str, message: str
+    ex: Executor, conn: Connection, payment: store.PaymentRow, op: _Op, code: str, message: str
 ) -> Outcome:
-    """Fail a PENDING capture or refund without sending it (PENDING -> PROCESSING -> FAILED)."""
+    """Fail a PENDING capture or refund without sending it (PENDING -> PROCESSING -> FAILED), with
+    its ``payment.capture_failed`` / ``payment.refund_failed``."""
     started = await move_operation(conn, payment, op, _O.STARTED, next_lookup_at=None)
-    await move_operation(
-        conn,
-        payment,
-        replace(op, status=started),
-        _O.FAILED,
-        next_lookup_at=None,
-        failure_code=code,
-        failure_message=message,
-    )
+    await record_operation_failed(conn, ex, payment, replace(op, status=started), code, message)
     return Outcome.FAILED
 
 
@@ -1053,7 +1059,7 @@ async def _begin_op(
         if payment.status is not needs:
             if op.status.value == "pending":
                 code = f"payment_not_{'capturable' if kind == 'capture' else 'refundable'}"
-                return await _refuse_op(conn, payment, op, code, f"the payment is {payment.status.value}")
+                return await _refuse_op(ex, conn, payment, op, code, f"the payment is {payment.status.value}")
             return Outcome.SKIPPED
         if kind == "refund" and op.status.value == "pending":
             sent = await conn.fetchval(
@@ -1069,7 +1075,7 @@ async def _begin_op(
                     f"refunds sent or done ({int(sent)}) plus this one ({op.amount_minor}) exceed the "
                     f"captured {payment.amount_captured_minor} minor units"
                 )
-                outcome = await _refuse_op(conn, payment, op, "refund_exceeds_captured", message)
+                outcome = await _refuse_op(ex, conn, payment, op, "refund_exceeds_captured", message)
                 log.error(
                     "refund refused at execution: would exceed the captured amount", refund_id=str(op_id)
                 )
@@ -1140,13 +1146,13 @@ async def _record_op(
             else:
                 code = f"processor_{answer.status.value}"
                 message = f"the processor reports the {op.kind} {answer.status.value}"
-                await record_operation_failed(conn, payment, op, code, message)
+                await record_operation_failed(conn, ex, payment, op, code, message)
                 return Outcome.FAILED
         error = result.error
         assert error is not None
         not_done = isinstance(error, Declined) or result.proves_not_done(send.fresh)
         if not_done and not isinstance(error, RetryableProcessorError):  # refused: final
-            await record_operation_failed(conn, payment, op, error.code or "processor_error", str(error))
+            await record_operation_failed(conn, ex, payment, op, error.code or "processor_error", str(error))
             return Outcome.FAILED
         due = now + timedelta(seconds=ex.policy.lookup_delay_s(op.lookups))
         if not_done:  # retries exhausted, every answer "not processed": back to PENDING, retried later

@@ -27,8 +27,8 @@ succeeded`)                reference), ``payment.captured``
 refund succeeded           refund SUCCEEDED, ``amount_refunded_minor`` grows by its amount,
 (:func:`record_operation_  journal ``refund:<refund id>`` (reference: the processor's refund id),
 succeeded`)                ``payment.refunded``
-capture or refund failed   the capture or refund FAILED, the payment unchanged, no journal
-(:func:`record_operation_  and no event
+capture or refund failed   the capture or refund FAILED, the payment unchanged, no journal,
+(:func:`record_operation_  ``payment.capture_failed`` / ``payment.refund_failed``
 failed`)
 authorization released     payment CANCELED, its cancel lookup cleared, ``payment.canceled``
 (:func:`record_canceled`)
@@ -67,6 +67,7 @@ from payments.state_machine import (
     RefundStatus,
     event_type_for,
     next_status,
+    operation_failed_event_type,
 )
 from switchboard.db.pool import Connection
 
@@ -423,6 +424,7 @@ async def record_operation_succeeded(
 
 async def record_operation_failed(
     conn: Connection,
+    ctx: EventContext,
     payment: store.PaymentRow,
     op: Operation,
     code: str,
@@ -431,8 +433,10 @@ async def record_operation_failed(
     processor_reference: str | None = None,
 ) -> None:
     """The PROCESSING or UNKNOWN capture or refund ``op`` definitely did not happen: FAILED (its
-    lookup cleared; ``code`` / ``message`` clipped; ``processor_reference`` stored when given).
-    The payment's status does not change (REQUIRES_CAPTURE or SUCCEEDED)."""
+    lookup cleared; ``code`` / ``message`` clipped; ``processor_reference`` stored when given),
+    and ``payment.capture_failed`` / ``payment.refund_failed`` carrying it. The payment's status
+    does not change (REQUIRES_CAPTURE or SUCCEEDED; CANCELED when a capture is refused because
+    the authorization was released meanwhile)."""
     await move_operation(
         conn,
         payment,
@@ -442,6 +446,17 @@ async def record_operation_failed(
         processor_reference=processor_reference,
         failure_code=clip(code),
         failure_message=clip(message),
+    )
+    await publish_payment_event(
+        conn,
+        ctx.topic_prefix,
+        payment.tenant_id,
+        payment.id,
+        operation_failed_event_type(op.kind),
+        payment.status,
+        ctx.clock(),
+        capture_id=op.id if op.kind == "capture" else None,
+        refund_id=op.id if op.kind == "refund" else None,
     )
 
 
