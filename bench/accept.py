@@ -235,9 +235,11 @@ def e2e(stack: BenchStack, rate: float, opts: Options, log: Any, tenants: int) -
         connections=2,
         extra_api_keys=stack.other_api_keys if tenants > 1 else (),
     )
+    cpu_before = stack.cpu_seconds()
     result = run_generators(split(spec, 2))
     markers = result.markers
     received = _await_markers(stack, markers, 180.0)
+    cpu_after = stack.cpu_seconds()
     per_channel: dict[str, list[float]] = {c: [] for c in CHANNELS}
     for marker, (channel, accepted_at) in markers.items():
         if marker in received:
@@ -255,6 +257,11 @@ def e2e(stack: BenchStack, rate: float, opts: Options, log: Any, tenants: int) -
         "errors": result.errors,
         "per_channel": {c: percentiles(v) | {"count": len(v)} for c, v in per_channel.items()},
         "cdf_ms": {c: sorted(v) for c, v in per_channel.items()},
+        # CPU each component spent per notification received, from the start of the
+        # traffic until the last one arrived (the await loop polls every 0.5 s).
+        "cpu_ms_per_notification": {
+            name: 1000 * (cpu_after[name] - cpu_before[name]) / max(1, len(received)) for name in cpu_after
+        },
     }
 
 

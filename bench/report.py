@@ -193,6 +193,21 @@ def report(labels: list[str]) -> str:
         ]
         for channel, p in e["per_channel"].items():
             out.append(_row(channel, f"{p['count']:,}", *_lat(p, 0)))
+    cpu_runs = [key for key in titles if "cpu_ms_per_notification" in r.get(key, {})]
+    if cpu_runs:
+        components = list(r[cpu_runs[0]]["cpu_ms_per_notification"])
+        out += [
+            "",
+            "CPU per notification received (ms of user + system time of each component's process tree,"
+            " from the start of the traffic to the last receipt), per end-to-end run:",
+            "",
+            _row("run", *components, "total"),
+            "| --- |" + " ---: |" * (len(components) + 1),
+        ]
+        for key in cpu_runs:
+            cpu = r[key]["cpu_ms_per_notification"]
+            cells = [f"{cpu.get(c, 0.0):.2f}" for c in components]
+            out.append(_row(f"{r[key]['offered_per_s']:,.0f}/s", *cells, f"{sum(cpu.values()):.2f}"))
     if len(runs) > 1:
         levels = (1, 8, 32, 128)
         out += ["", "Before and after (accepted notifications/s):", ""]

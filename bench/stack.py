@@ -158,6 +158,35 @@ class BenchStack:
         root = psutil.Process(process.pid)
         return [root.pid, *(p.pid for p in root.children(recursive=True))]
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system, seconds) used so far by each component's process tree.
+
+        Keys: ``postgres`` (the postmaster and its backends), ``kafka``, ``fakes``,
+        ``gateway``, ``relay``, ``worker-<channel>``. A component that is not
+        running counts 0; a process that exits between two readings loses what it
+        used, so compare readings taken while nothing restarts.
+        """
+        pids: dict[str, int | None] = {
+            "postgres": self.stack.postgres.server.pid,
+            "kafka": self.stack.kafka.broker.pid,
+            "fakes": self.stack.fakes.process.pid if self.stack.fakes.process else None,
+        }
+        for name, service in self.stack.services.items():
+            pids[name] = service.process.pid if service.process else None
+        used: dict[str, float] = {}
+        for name, pid in pids.items():
+            total = 0.0
+            if pid is not None:
+                try:
+                    root = psutil.Process(pid)
+                    for process in (root, *root.children(recursive=True)):
+                        times = process.cpu_times()
+                        total += times.user + times.system
+                except psutil.Error:
+                    pass
+            used[name] = total
+        return used
+
     def _background(self) -> list[ServiceProcess]:
         return [self.stack.services[name] for name in BACKGROUND]
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -67,13 +68,22 @@ def _timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     return ts
 
 
+#: Unix time in seconds (``time.time``); injectable so tests can move time without waiting.
+Clock = Callable[[], float]
+
+
+def _utc(clock: Clock) -> datetime:
+    return datetime.fromtimestamp(clock(), UTC)
+
+
 async def _status_changed(
     tx: Connection,
     event: events_pb2.DeliveryRequested,
     status: str,
     attempt: int,
     error: str = "",
-    provider_message_id: str = "",
+    *,
+    occurred_at: datetime,
 ) -> None:
     """Queue the tenant's signed status callback (if it has one) in the same transaction."""
     await notify_delivery_status_changed(tx, event.notification_id)  # WatchNotification (sent at commit)
@@ -86,8 +96,8 @@ async def _status_changed(
         status=status,
         attempt=attempt,
         error=error,
-        provider_message_id=provider_message_id,
-        occurred_at=datetime.now(UTC),
+        provider_message_id="",
+        occurred_at=occurred_at,
     )
 
 
@@ -215,8 +225,9 @@ async def _attempt_history(tx: Connection, delivery_id: uuid.UUID) -> list[event
 
 @dataclass(frozen=True)
 class RetryPolicy:
-    """How long a delivery keeps trying: ``max_attempts`` per replay, while the
-    notification is younger than ``max_age_s``; backoff bounds in seconds."""
+    """How long a delivery keeps trying: ``max_attempts`` per replay, and while
+    ``max_age_s`` seconds have not passed since the notification was accepted
+    or, after a DLQ replay, since that replay; backoff bounds in seconds."""
 
     max_attempts: int
     max_age_s: float
@@ -238,10 +249,21 @@ def _give_up_reason(
 
 
 async def _start_next_fallback(
-    tx: Connection, event: events_pb2.DeliveryRequested, chain_position: int, topic_prefix: str
+    tx: Connection,
+    event: events_pb2.DeliveryRequested,
+    chain_position: int,
+    topic_prefix: str,
+    now: datetime,
 ) -> events_pb2.DeliveryRequested | None:
     """Create the delivery for the next channel of the notification's fallback
-    chain (with its outbox row); ``None`` when there is no next channel."""
+    chain, with its outbox row and its QUEUED status callback, in ``tx``.
+
+    Returns ``None`` when there is no next channel, and also when the next
+    position already exists: a link that fails again after a DLQ replay does
+    not start the rest of the chain a second time (the unique index
+    ``deliveries_chain_link_key`` of migration 0014 makes a second delivery at
+    one position impossible, even for two workers at once).
+    """
     notification = await tx.fetchrow(
         "SELECT fallback_channels, recipients, request FROM notifications WHERE id = $1",
         uuid.UUID(event.notification_id),
@@ -261,9 +283,11 @@ async def _start_next_fallback(
         accept_time=event.accept_time,
     )
     payload = next_event.SerializeToString()
-    await tx.execute(
+    created = await tx.fetchval(
         """INSERT INTO deliveries (id, notification_id, tenant_id, channel, recipient, event, chain_position)
-           VALUES ($1, $2, $3, $4, $5, $6, $7)""",
+           VALUES ($1, $2, $3, $4, $5, $6, $7)
+           ON CONFLICT (notification_id, chain_position) WHERE chain_position > 0 DO NOTHING
+           RETURNING id""",
         next_id,
         uuid.UUID(event.notification_id),
         uuid.UUID(event.tenant_id),
@@ -272,6 +296,8 @@ async def _start_next_fallback(
         payload,
         chain_position + 1,
     )
+    if created is None:
+        return None
     await tx.execute(
         "INSERT INTO outbox (topic, key, payload, delivery_id) VALUES ($1, $2, $3, $4)",
         delivery_topic(channel, topic_prefix),
@@ -279,6 +305,7 @@ async def _start_next_fallback(
         payload,
         next_id,
     )
+    await _status_changed(tx, next_event, "queued", 0, occurred_at=now)
     return next_event
 
 
@@ -292,17 +319,25 @@ async def record_failure(
     policy: RetryPolicy,
     retry_delay_s: float,
     topic_prefix: str,
+    clock: Clock = time.time,
 ) -> Outcome:
     """Record a failed attempt; schedule a retry, or end FAILED.
 
+    A retryable ``error`` is retried ``retry_delay_s`` seconds from now unless
+    the policy's attempt or age limit is reached; both count from the last DLQ
+    replay if there was one (a replay gets a fresh budget), else from the
+    first attempt and the notification's accept time. ``clock`` gives "now"
+    (Unix seconds) for the age, the due time and the status callback.
+
     Ending FAILED writes the dead letter (a ``dead_letters`` row and the
     DeliveryDeadLettered event to ``notify.<channel>.dlq`` through the outbox)
-    and, for a fallback notification, starts the delivery on the next channel,
-    all in the same transaction.
+    and, for a fallback notification, starts the delivery on the next channel
+    (unless it exists already), all in the same transaction.
     """
     delivery_id = uuid.UUID(event.delivery_id)
     reason = error.reason[:ERROR_TEXT_MAX_CHARS]
     channel = CHANNEL_NAMES[event.channel]
+    now = _utc(clock)
     async with pool.acquire() as tx, tx.transaction():
         await tx.execute(
             """UPDATE delivery_attempts SET outcome = $3, error = $4, provider = $5, finished_at = now()
@@ -315,15 +350,18 @@ async def record_failure(
         )
         row = await tx.fetchrow(
             """UPDATE deliveries SET provider = $2 WHERE id = $1
-               RETURNING attempts_before_replay, chain_position""",
+               RETURNING attempts_before_replay, chain_position, last_replayed_at""",
             delivery_id,
             provider_name,
         )
         assert row is not None
-        age_s = (datetime.now(UTC) - event.accept_time.ToDatetime(tzinfo=UTC)).total_seconds()
+        budget_start = event.accept_time.ToDatetime(tzinfo=UTC)
+        if row["last_replayed_at"] is not None:
+            budget_start = max(budget_start, row["last_replayed_at"])
+        age_s = (now - budget_start).total_seconds()
         final_reason = _give_up_reason(error, attempt - row["attempts_before_replay"], age_s, policy, reason)
         if final_reason is None:
-            due = datetime.now(UTC) + timedelta(seconds=retry_delay_s)
+            due = now + timedelta(seconds=retry_delay_s)
             await tx.execute(
                 """UPDATE deliveries SET status = 'queued', last_error = $2, next_attempt_at = $3,
                           last_enqueued_at = now(), updated_at = now() WHERE id = $1""",
@@ -331,7 +369,7 @@ async def record_failure(
                 reason,
                 due,
             )
-            await _status_changed(tx, event, "queued", attempt, reason)
+            await _status_changed(tx, event, "queued", attempt, reason, occurred_at=now)
             await tx.execute(
                 """INSERT INTO outbox (topic, key, payload, delivery_id, available_at)
                    VALUES ($1, $2, $3, $4, $5)""",
@@ -347,12 +385,12 @@ async def record_failure(
             delivery_id,
             final_reason,
         )
-        await _status_changed(tx, event, "failed", attempt, final_reason)
+        await _status_changed(tx, event, "failed", attempt, final_reason, occurred_at=now)
         dead = events_pb2.DeliveryDeadLettered(
             delivery=event,
             reason=final_reason,
             attempts=await _attempt_history(tx, delivery_id),
-            dead_letter_time=_timestamp(datetime.now(UTC)),
+            dead_letter_time=_timestamp(now),
         )
         await tx.execute(
             "INSERT INTO outbox (topic, key, payload) VALUES ($1, $2, $3)",
@@ -369,7 +407,7 @@ async def record_failure(
             final_reason,
             attempt,
         )
-        await _start_next_fallback(tx, event, row["chain_position"], topic_prefix)
+        await _start_next_fallback(tx, event, row["chain_position"], topic_prefix, now)
         await tx.execute("SELECT pg_notify($1, '')", OUTBOX_NOTIFY_CHANNEL)
         return Outcome.FAILED
 
@@ -381,6 +419,7 @@ async def deliver(
     *,
     policy: RetryPolicy,
     topic_prefix: str = "",
+    clock: Clock = time.time,
 ) -> Outcome:
     """Claim, send and record one delivery event; see the module docstring.
 
@@ -417,4 +456,5 @@ async def deliver(
         policy=policy,
         retry_delay_s=delay,
         topic_prefix=topic_prefix,
+        clock=clock,
     )

@@ -7,8 +7,17 @@ which POSTs ``{"message": {"token": <FCM registration token>, "notification": {"
 (https://firebase.google.com/docs/reference/fcm/rest/v1/projects.messages/send) with the
 app's OAuth2 access token and answers ``{"name": "projects/<project_id>/messages/<id>"}``; that
 name is the ``provider_message_id``. Before every send the access token is refreshed off the
-event loop if it is near expiry (:func:`tenants.firebase_apps.ensure_access_token`), so the SDK
-never runs google-auth's blocking refresh on the loop in the normal path.
+event loop if it is near expiry (:func:`tenants.firebase_apps.ensure_access_token`), and the
+SDK's own refreshes (an invalid token, a 401 answer) run in a worker thread too
+(:class:`tenants.firebase_apps.OffLoopCredentialFlow`): google-auth's blocking refresh never
+runs on the loop.
+
+Each :class:`FcmProvider` object sends through a Firebase app of its own (the tenant id and a
+per-process generation in the name, :func:`tenants.firebase_apps.app_name`), created on its first
+send and deleted by :meth:`FcmProvider.close` once the sends it has in flight are done. When
+the provider cache replaces a tenant's provider (any invalidation of the tenant, eviction),
+the old provider's release therefore never touches the app the new one sends through, and a
+send that was already under way finishes on the old app.
 
 The library is used unmodified except for one private attribute: firebase-admin 7.7.0 has no
 option for the FCM endpoint (``_MessagingService.__init__`` formats the class constant
@@ -45,7 +54,7 @@ A token recorded invalid fails later sends to it at once, without calling FCM.
 
 Also note, from the SDK (firebase_admin/_retry.py, _http_client.py): it retries 500 and 503 up
 to 4 more times itself (0.5 s backoff factor, about 7 s in all, ignoring ``Retry-After``) before
-the error reaches us, and after a 401 it refreshes the token twice synchronously, on the loop.
+the error reaches us, and after a 401 it refreshes the token and resends, at most twice.
 Building an app's messaging service (a requests session and an httpx client with three SSL
 contexts, 70-150 ms of CPU) happens once per app, in a worker thread. google-auth >= 2.62 also
 looks up the service account's Regional Access Boundary at iamcredentials.googleapis.com in a
@@ -55,7 +64,9 @@ background thread after a token is first used (google/auth/_regional_access_boun
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import email.utils
+import itertools
 import uuid
 import warnings
 from collections import OrderedDict
@@ -73,7 +84,13 @@ from google.auth import exceptions as google_auth_exceptions
 
 from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError, SendResult
 from switchboard.notify.v1 import events_pb2
-from tenants.firebase_apps import delete_app, ensure_access_token, get_or_create_app
+from tenants.firebase_apps import (
+    app_name,
+    delete_app,
+    ensure_access_token,
+    get_or_create_app,
+    refresh_tokens_off_the_loop,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -86,6 +103,8 @@ QUOTA_EXCEEDED_RETRY_AFTER_S = 60.0
 FCM_ERROR_TYPE = "type.googleapis.com/google.firebase.fcm.v1.FcmError"
 BAD_REQUEST_TYPE = "type.googleapis.com/google.rpc.BadRequest"
 _MAX_REASON_CHARS = 300
+#: Generations of FcmProvider objects in this process: each one's Firebase app has its own name.
+_generations = itertools.count(1)
 
 #: FCM ErrorCodes after which the registration token never works again for this sender.
 TOKEN_INVALID_CODES = frozenset({"UNREGISTERED", "SENDER_ID_MISMATCH"})
@@ -180,6 +199,14 @@ def point_messaging_at(app: firebase_admin.App, endpoint_base: str) -> str:
     if service._fcm_url != url:
         service._fcm_url = url
     return url
+
+
+def _set_up_messaging(app: firebase_admin.App, endpoint_base: str) -> None:
+    """Point ``app``'s messaging service at ``endpoint_base`` and move its token refreshes off the
+    event loop (:func:`tenants.firebase_apps.refresh_tokens_off_the_loop`); blocking (it builds
+    the service on first use), for a worker thread. Raises ``RuntimeError`` as those two do."""
+    point_messaging_at(app, endpoint_base)
+    refresh_tokens_off_the_loop(app)
 
 
 # -- messages and errors -------------------------------------------------------------------
@@ -377,6 +404,9 @@ class FcmProvider:
     goes; ``timeout_s`` bounds each :meth:`send` / :meth:`send_batch` (token refresh included);
     ``invalid_tokens`` records rejected tokens (default: a store of this provider's own).
 
+    The provider's Firebase app is its own (:attr:`app_name`: the tenant id and this object's
+    generation), created on the first send and deleted by :meth:`close`.
+
     Raises ``ValueError`` for an ``endpoint_base`` that is not an http(s) URL or a service
     account without ``project_id``. Creates no app and does no I/O until the first send.
     """
@@ -409,9 +439,14 @@ class FcmProvider:
         self._invalid_tokens: InvalidTokenStore = (
             invalid_tokens if invalid_tokens is not None else InMemoryInvalidTokenStore()
         )
+        self._generation = next(_generations)
         self._app: firebase_admin.App | None = None
-        self._pointed_app: firebase_admin.App | None = None  # the app point_messaging_at last set up
-        self._closed = False
+        self._pointed_app: firebase_admin.App | None = None  # the app _set_up_messaging last set up
+        self._closed = False  # close() began: new sends are refused
+        self._released = False  # close() deleted the app: nothing may create it again
+        self._in_flight = 0
+        self._idle = asyncio.Event()
+        self._idle.set()
 
     def __repr__(self) -> str:
         return (
@@ -423,6 +458,11 @@ class FcmProvider:
     def tenant_id(self) -> uuid.UUID:
         """The tenant whose Firebase project this provider sends through."""
         return self._tenant_id
+
+    @property
+    def app_name(self) -> str:
+        """The name of this provider's Firebase app: ``switchboard-tenant-<tenant uuid>-<generation>``."""
+        return app_name(self._tenant_id, self._generation)
 
     @property
     def send_url(self) -> str:
@@ -450,12 +490,49 @@ class FcmProvider:
         events that are not push deliveries of this tenant, have no recipient, or target a
         token recorded invalid fail without a request. A failure of the batch as a whole
         (service account, token grant, timeout, an SDK error outside any one response) is
-        reported for every event sent; some of those may have been delivered.
+        reported for every event sent; some of those may have been delivered. After
+        :meth:`close` began, every event fails with ``RetryableDeliveryError`` without a
+        request (the cache has a newer provider); a batch that began before it finishes.
 
         Raises ``ValueError`` for more than 500 events.
         """
         if len(events) > MAX_BATCH_SIZE:
             raise ValueError(f"at most {MAX_BATCH_SIZE} events per batch, got {len(events)}")
+        if self._closed:
+            return [RetryableDeliveryError("this FCM provider was closed") for _ in events]
+        # Counted before the first await: a close() that starts later waits for this batch.
+        self._in_flight += 1
+        self._idle.clear()
+        try:
+            return await self._send_batch(events)
+        finally:
+            self._in_flight -= 1
+            if not self._in_flight:
+                self._idle.set()
+
+    async def close(self) -> None:
+        """Refuse new sends, let those in flight finish, then delete this provider's Firebase app.
+
+        The wait for sends in flight is bounded by ``timeout_s`` (each send is). The app is
+        deleted with :func:`tenants.firebase_apps.delete_app`: its HTTP clients closed on this
+        loop, ``firebase_admin.delete_app`` in a worker thread. Only this provider's own app
+        (:attr:`app_name`) is deleted; a newer provider of the same tenant keeps its app.
+        Idempotent. Later sends fail with ``RetryableDeliveryError`` (a new provider takes over).
+        """
+        self._closed = True
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self._timeout_s):
+                await self._idle.wait()
+        self._released = True
+        app, self._app, self._pointed_app = self._app, None, None
+        if app is not None:
+            await delete_app(app)
+
+    # -- internals ---------------------------------------------------------------------
+
+    async def _send_batch(
+        self, events: Sequence[events_pb2.DeliveryRequested]
+    ) -> list[SendResult | DeliveryError]:
         outcomes: list[SendResult | DeliveryError | None] = [None] * len(events)
         pending: list[tuple[int, str, Any]] = []  # (index, token, messaging.Message)
         for index, event in enumerate(events):
@@ -473,18 +550,6 @@ class FcmProvider:
                 else:
                     outcomes[index] = result
         return [outcome for outcome in outcomes if outcome is not None]
-
-    async def close(self) -> None:
-        """Delete the tenant's Firebase app (:func:`tenants.firebase_apps.delete_app`); idempotent.
-
-        Later sends fail with ``RetryableDeliveryError`` (a new provider takes over).
-        """
-        self._closed = True
-        app, self._app, self._pointed_app = self._app, None, None
-        if app is not None:
-            await delete_app(app)
-
-    # -- internals ---------------------------------------------------------------------
 
     async def _prepare(self, event: events_pb2.DeliveryRequested) -> Any:
         """The Message for ``event``, or a DeliveryError saying why it is not sent."""
@@ -535,11 +600,11 @@ class FcmProvider:
         return results
 
     async def _current_app(self) -> firebase_admin.App:
-        """The tenant's app, pointed at this provider's endpoint base."""
-        if self._closed:
+        """This provider's app, pointed at its endpoint base, refreshing tokens off the loop."""
+        if self._released:
             raise RetryableDeliveryError("this FCM provider was closed")
         try:
-            app = await get_or_create_app(self._tenant_id, self._service_account)
+            app = await get_or_create_app(self._tenant_id, self._service_account, generation=self._generation)
         except ValueError as error:
             raise PermanentDeliveryError(_reason(f"the FCM service account is invalid: {error}")) from None
         self._app = app
@@ -548,7 +613,7 @@ class FcmProvider:
             # httpx client with three SSL contexts, 70-150 ms of CPU; keep it off the loop.
             # App._get_service is guarded by the app's threading lock.
             try:
-                await asyncio.to_thread(point_messaging_at, app, self._endpoint_base)
+                await asyncio.to_thread(_set_up_messaging, app, self._endpoint_base)
             except RuntimeError as error:
                 raise RetryableDeliveryError(str(error)) from None
             self._pointed_app = app

@@ -101,6 +101,7 @@ def build_provider(
             from_number=s.get("from_number", ""),
             messaging_service_sid=s.get("messaging_service_sid", ""),
             base_url=s.get("base_url") or TWILIO_BASE_URL,
+            status_callback_url=s.get("status_callback_url") or None,
             timeout_s=timeout_s,
         )
     if config.provider == "fcm":

@@ -40,6 +40,7 @@ AUTH 454 4.7.0 temporary authentication failure       retryable
 AUTH 534 / 538 (mechanism too weak / needs TLS)       permanent
 no STARTTLS offered but required, no AUTH offered     permanent (configuration)
 timeouts, connection refused/reset, TLS failures      retryable
+a reply line that is not RFC 5321 (no 3-digit code)   retryable, connection discarded
 ====================================================  =========================================
 
 ``aiosmtplib`` raises ``SMTPRecipientsRefused`` only when every recipient is
@@ -199,6 +200,13 @@ class SmtpProvider:
         except aiosmtplib.SMTPDataError as exc:
             return self._reply_error(exc.code, exc.message, "DATA")
         except aiosmtplib.SMTPResponseException as exc:
+            if exc.code == aiosmtplib.SMTPStatus.invalid_response:
+                self._discard()  # the unparsed line stays in the client's buffer
+                return RetryableDeliveryError(
+                    f"SMTP server sent a malformed reply during the transaction "
+                    f"({self._scrub(exc.message)[:_MAX_REPLY_TEXT]}); it may have accepted the message "
+                    "(the retry carries the same Message-ID)"
+                )
             return self._reply_error(exc.code, exc.message)
         except aiosmtplib.SMTPNotSupported as exc:
             return PermanentDeliveryError(f"SMTP server cannot take this message: {self._scrub(str(exc))}")

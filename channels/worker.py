@@ -1,12 +1,20 @@
 """The channel worker runtime: consume, deliver, commit.
 
-One consumer group per channel (``switchboard.worker.<channel>``). Each poll
-returns a batch; messages with the same partition and key (the tenant) are
-handled in order, different tenants concurrently. Offsets are committed only
-after every message of the batch has its outcome recorded in PostgreSQL. On
-any unexpected error the consumer is closed without committing and rebuilt,
-so it resumes from the last committed offset (at-least-once; the idempotent
+One consumer group per channel (``switchboard.worker.<channel>``). Records
+go to lanes, one per (partition, key = tenant): a lane delivers in order,
+lanes run concurrently. A partition's offset is committed only up to the
+first record whose outcome is not recorded in PostgreSQL yet. On any
+unexpected error the consumer is closed without committing and rebuilt, so it
+resumes from the last committed offset (at-least-once; the idempotent
 ``deliver`` absorbs the repeats).
+
+Fairness between tenants: a lane holds at most
+``worker_max_in_flight_per_tenant`` records. A record that would go beyond
+is not taken: its partition is rewound to it (``seek``) and paused (Kafka
+``pause``), and resumed once the lane is down to half, so one tenant's flood
+stops only its own partition while the others keep flowing. Tenants sharing
+that partition wait too: Kafka order within a partition (docs/operations.md,
+"Known limits"). ``worker_max_in_flight`` bounds all lanes together.
 """
 
 from __future__ import annotations
@@ -33,8 +41,6 @@ from switchboard.settings import Settings
 log = structlog.get_logger(__name__)
 
 MAX_RECORDS_PER_POLL = 500
-#: Records polled but not yet recorded, per channel worker; polling pauses beyond this.
-MAX_IN_FLIGHT = 1000
 
 
 def consumer_group(channel: str, prefix: str = "") -> str:
@@ -53,7 +59,13 @@ class ChannelWorker:
         self.channel = channel
         self._providers = providers
         self._stopping = asyncio.Event()
+        self._lanes: _Lanes | None = None
         self.outcomes: dict[Outcome, int] = defaultdict(int)
+
+    @property
+    def in_flight(self) -> int:
+        """Records fetched whose outcome is not recorded yet (0 while no consumer runs)."""
+        return 0 if self._lanes is None else self._lanes.in_flight
 
     def stop(self) -> None:
         """Finish the current batch, commit, and return from :meth:`run`."""
@@ -101,30 +113,48 @@ class ChannelWorker:
 
         Records go to lanes, one per (partition, key = tenant): a lane delivers in
         order, lanes run concurrently, and polling goes on while they work (a slow
-        delivery holds up only its own lane), up to :data:`MAX_IN_FLIGHT` records.
-        A record's offset is committed only once it and every earlier record of its
-        partition have their outcome recorded (at-least-once; the idempotent
-        ``deliver`` absorbs what a restart consumes again). Partitions that were
-        revoked are not committed by us; their new owner consumes them again.
+        delivery holds up only its own lane). A lane takes at most
+        ``worker_max_in_flight_per_tenant`` records: the partition of a record
+        that would go beyond is rewound to it and paused until the lane is down
+        to half (other partitions keep flowing); all lanes together hold at most
+        ``worker_max_in_flight`` records (every partition paused beyond). A record's offset
+        is committed only once it and every earlier record of its partition have
+        their outcome recorded (at-least-once; the idempotent ``deliver`` absorbs
+        what a restart consumes again). Partitions that were revoked are not
+        committed by us; their new owner consumes them again.
         """
-        lanes = _Lanes(self.handle_record)
+        lanes = self._lanes = _Lanes(self.handle_record)
+        lane_limit = self._settings.worker_max_in_flight_per_tenant
+        #: Partitions paused because one of their lanes is full.
+        full: set[TopicPartition] = set()
         try:
             while not self._stopping.is_set():
                 self._providers.cache.expire()  # release tenants idle past the TTL even when quiet
                 lanes.raise_failure()
-                if lanes.in_flight >= MAX_IN_FLIGHT:
-                    await lanes.wait_for_progress(timeout_s=0.5)
-                else:
-                    wait_ms = 50 if lanes.in_flight else 500
-                    batches = await consumer.getmany(timeout_ms=wait_ms, max_records=MAX_RECORDS_PER_POLL)
-                    for records in batches.values():
-                        lanes.add(records)
+                assigned = consumer.assignment()
+                full = {tp for tp in full if tp in assigned and lanes.longest_lane(tp) > lane_limit // 2}
+                # At the global bound every partition is paused, but polling goes on: a consumer
+                # that stops calling poll for max_poll_interval_ms is put out of its group.
+                room = self._settings.worker_max_in_flight - lanes.in_flight
+                _pause_only(consumer, assigned if room <= 0 else full)
+                wait_ms = 50 if lanes.in_flight else 500
+                batches = await consumer.getmany(
+                    timeout_ms=wait_ms, max_records=max(1, min(MAX_RECORDS_PER_POLL, room))
+                )
+                for tp, records in batches.items():
+                    held = lanes.add(records, lane_limit=lane_limit)
+                    if held is not None:
+                        # Fetch this partition again from the record not taken, once its lane drains.
+                        consumer.seek(tp, held)
+                        consumer.pause(tp)
+                        full.add(tp)
                 await self._commit_done(consumer, lanes)
             await lanes.finish()  # stop(): let every lane finish, then commit
             lanes.raise_failure()
             await self._commit_done(consumer, lanes)
         finally:
             await lanes.cancel()
+            self._lanes = None
 
     async def _commit_done(self, consumer: AIOKafkaConsumer, lanes: _Lanes) -> None:
         assigned = consumer.assignment()
@@ -174,6 +204,16 @@ class ChannelWorker:
         return outcome
 
 
+def _pause_only(consumer: AIOKafkaConsumer, partitions: set[TopicPartition]) -> None:
+    """Pause ``partitions`` and resume every other paused one (aiokafka drops records it
+    fetched for a paused partition without moving its position: nothing is skipped)."""
+    paused = consumer.paused()
+    if partitions - paused:
+        consumer.pause(*(partitions - paused))
+    if paused - partitions:
+        consumer.resume(*(paused - partitions))
+
+
 class _Lanes:
     """Records in flight: a queue and a task per (partition, key), and per partition
     which offsets are done, so the committable offset is known at any moment."""
@@ -190,21 +230,34 @@ class _Lanes:
         #: Bumped when a partition is revoked: outcomes of records handed out before no
         #: longer move its offset (its new owner consumes them again).
         self._generation: dict[TopicPartition, int] = defaultdict(int)
-        self._progress = asyncio.Event()
         self._failure: BaseException | None = None
         self.in_flight = 0
 
-    def add(self, records: list[ConsumerRecord[bytes, bytes]]) -> None:
-        """Queue ``records`` (one partition's, in offset order) on their lanes."""
+    def add(self, records: list[ConsumerRecord[bytes, bytes]], lane_limit: int | None = None) -> int | None:
+        """Queue ``records`` (one partition's, in offset order) on their lanes.
+
+        With ``lane_limit``, stop at the first record whose lane already holds
+        that many records and return its offset: neither it nor any later record
+        is taken (the caller fetches them again from that offset), so offsets
+        stay contiguous. ``None`` when every record was queued.
+        """
         for record in records:
             tp = TopicPartition(record.topic, record.partition)
+            lane = (tp, record.key)
+            queue = self._queues.get(lane)
+            if lane_limit is not None and queue is not None and len(queue) >= lane_limit:
+                return int(record.offset)
             entry: list[int | bool] = [record.offset, False]
             self._pending[tp].append(entry)
-            lane = (tp, record.key)
             self._queues.setdefault(lane, deque()).append((record, self._generation[tp]))
             self.in_flight += 1
             if lane not in self._tasks:
                 self._tasks[lane] = asyncio.create_task(self._run(lane))
+        return None
+
+    def longest_lane(self, tp: TopicPartition) -> int:
+        """Records held by the fullest lane of partition ``tp`` (0 if none)."""
+        return max((len(queue) for (lane_tp, _), queue in self._queues.items() if lane_tp == tp), default=0)
 
     async def _run(self, lane: tuple[TopicPartition, bytes | None]) -> None:
         queue = self._queues[lane]
@@ -217,7 +270,6 @@ class _Lanes:
         except BaseException as exc:
             if self._failure is None and not isinstance(exc, asyncio.CancelledError):
                 self._failure = exc
-            self._progress.set()
             raise
         finally:
             if not queue or self._failure is not None:
@@ -226,7 +278,6 @@ class _Lanes:
 
     def _mark_done(self, tp: TopicPartition, generation: int, offset: int) -> None:
         self.in_flight -= 1
-        self._progress.set()
         if generation != self._generation[tp]:
             return  # handed out before the partition was revoked
         for entry in self._pending[tp]:
@@ -258,12 +309,6 @@ class _Lanes:
         """Re-raise the first unexpected error of a lane (the consumer is then rebuilt)."""
         if self._failure is not None:
             raise self._failure
-
-    async def wait_for_progress(self, timeout_s: float) -> None:
-        """Wait until some record is done (or a lane failed), at most ``timeout_s``."""
-        self._progress.clear()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._progress.wait(), timeout_s)
 
     async def finish(self) -> None:
         """Wait for every lane to deliver what it holds (or fail)."""

@@ -4,6 +4,11 @@ Reachable only with the operator token (``SWITCHBOARD_ADMIN_TOKEN``) in
 ``authorization: Bearer`` metadata; a tenant API key never opens it. Secrets
 are sealed with the master key before they reach PostgreSQL and never leave
 it again: reads show which secret fields are set and a fingerprint.
+
+Every mutating RPC carries a required ``request_id`` (AIP-155), validated with
+the other fields, and runs once per operator key through
+:class:`gateway.admin_idempotency.AdminIdempotency` (Stripe's semantics; the
+scope and the handling of secrets are described there and in docs/idempotency.md).
 """
 
 from __future__ import annotations
@@ -17,20 +22,23 @@ from typing import Any, TypeVar
 import asyncpg
 import grpc
 from google.protobuf import timestamp_pb2
+from google.protobuf.message import Message
 
 from channels import callbacks
 from channels.catalog import CHANNEL_NAMES, CHANNEL_VALUES
+from gateway.admin_idempotency import AdminIdempotency
 from gateway.auth import bearer_token
 from gateway.errors import (
     RpcError,
     already_exists,
-    failed_precondition,
     invalid_argument,
     not_found,
     unauthenticated,
 )
 from gateway.rpc import answer, database_errors_as_unavailable
-from gateway.validation import FieldViolation, RequestInvalid
+from gateway.validation import FieldViolation, RequestInvalid, validate_request_id
+from gateway.write_path import DEFAULT_IDEMPOTENCY_RETENTION_S
+from switchboard.db.pool import Connection
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tenants import processor_store, store
 from tenants.processor_config import PROCESSORS, parse_processor_name, split_processor_config
@@ -38,6 +46,7 @@ from tenants.provider_config import split_provider_config
 from tenants.sealing import MasterKeyRing, processor_secrets_associated_data, secrets_associated_data
 
 T = TypeVar("T")
+R = TypeVar("R", bound=Message)
 Context = grpc.aio.ServicerContext[Any, Any]
 
 DISPLAY_NAME_MAX_CHARS = 200
@@ -132,27 +141,73 @@ def _invalid(field: str, description: str) -> RpcError:
     return RpcError(invalid_argument([FieldViolation(field=field, description=description)]))
 
 
+class FieldChecks:
+    """Collects the field violations of a request; a mutating request's ``request_id`` first.
+
+    Each parse method returns the parsed value, or, for a bad value, records
+    a violation naming the field and returns a placeholder (the nil UUID, or
+    ``""``); :meth:`raise_if_any` then raises before a placeholder is used, so
+    a client sees every bad field at once (AIP-193 ``BadRequest``).
+    ``request_id``: the AIP-155 key of a mutating request, checked with
+    :func:`gateway.validation.validate_request_id`; ``None`` for a read.
+    """
+
+    def __init__(self, request_id: str | None = None) -> None:
+        self.violations: list[FieldViolation] = [] if request_id is None else validate_request_id(request_id)
+
+    def tenant_id(self, value: str, field: str = "tenant_id") -> uuid.UUID:
+        """``value`` as a tenant id (UUID)."""
+        try:
+            return uuid.UUID(value)
+        except ValueError:
+            self.violations.append(FieldViolation(field=field, description="must be a tenant id (UUID)"))
+            return uuid.UUID(int=0)
+
+    def channel(self, value: int, field: str = "channel") -> str:
+        """``value`` as a concrete channel name."""
+        if value not in CHANNEL_NAMES:
+            self.violations.append(
+                FieldViolation(field=field, description="one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_PUSH")
+            )
+            return ""
+        return CHANNEL_NAMES[value]
+
+    def processor(self, value: str, field: str = "processor") -> str:
+        """``value`` as a processor name (``stripe``, ``adyen``)."""
+        name = parse_processor_name(value)
+        if name is None:
+            self.violations.append(FieldViolation(field=field, description=f"one of {', '.join(PROCESSORS)}"))
+            return ""
+        return name
+
+    def raise_if_any(self) -> None:
+        """Raise ``RpcError`` (INVALID_ARGUMENT naming every bad field) if anything was bad."""
+        if self.violations:
+            raise RpcError(invalid_argument(self.violations))
+
+
 def parse_tenant_id(value: str, field: str = "tenant_id") -> uuid.UUID:
     """The tenant id as a UUID, or INVALID_ARGUMENT naming ``field``."""
-    try:
-        return uuid.UUID(value)
-    except ValueError:
-        raise _invalid(field, "must be a tenant id (UUID)") from None
+    checks = FieldChecks()
+    tenant_id = checks.tenant_id(value, field)
+    checks.raise_if_any()
+    return tenant_id
 
 
 def parse_channel(value: int, field: str = "channel") -> str:
     """A concrete channel name, or INVALID_ARGUMENT naming ``field``."""
-    if value not in CHANNEL_NAMES:
-        raise _invalid(field, "one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_PUSH")
-    return CHANNEL_NAMES[value]
+    checks = FieldChecks()
+    channel = checks.channel(value, field)
+    checks.raise_if_any()
+    return channel
 
 
 def parse_processor(value: str, field: str = "processor") -> str:
     """A processor name (``stripe``, ``adyen``), or INVALID_ARGUMENT naming ``field``."""
-    name = parse_processor_name(value)
-    if name is None:
-        raise _invalid(field, f"one of {', '.join(PROCESSORS)}")
-    return name
+    checks = FieldChecks()
+    processor = checks.processor(value, field)
+    checks.raise_if_any()
+    return processor
 
 
 def validate_limits(
@@ -181,10 +236,17 @@ def validate_display_name(value: str, field: str) -> list[FieldViolation]:
 class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
     """Implements ``switchboard.tenants.v1.TenantAdminService``."""
 
-    def __init__(self, pool: asyncpg.Pool, admin_token: str | None, key_ring: MasterKeyRing | None) -> None:
+    def __init__(
+        self,
+        pool: asyncpg.Pool,
+        admin_token: str | None,
+        key_ring: MasterKeyRing | None,
+        *,
+        idempotency_retention_s: float = DEFAULT_IDEMPOTENCY_RETENTION_S,
+    ) -> None:
         self._pool = pool
         self._admin_token = admin_token.encode() if admin_token else None
-        self._key_ring = key_ring
+        self._once = AdminIdempotency(pool, key_ring, retention_s=idempotency_retention_s)
 
     def _authorize(self, context: Context) -> None:
         if self._admin_token is None:
@@ -213,19 +275,22 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.CreateTenantRequest, context: Context
     ) -> tenants_pb2.CreateTenantResponse:
         async def work() -> tenants_pb2.CreateTenantResponse:
-            violations = validate_display_name(request.display_name, "display_name")
-            violations += validate_limits(request.limits, LIMIT_MAXIMA, "limits")
-            if violations:
-                raise RpcError(invalid_argument(violations))
+            checks = FieldChecks(request.request_id)
+            if not store.TENANT_NAME_RE.fullmatch(request.name):
+                checks.violations.append(FieldViolation(field="name", description=store.TENANT_NAME_RULE))
+            checks.violations += validate_display_name(request.display_name, "display_name")
+            checks.violations += validate_limits(request.limits, LIMIT_MAXIMA, "limits")
+            checks.raise_if_any()
             limits = store.TenantLimits(**{n: getattr(request.limits, n) for n in LIMIT_MAXIMA})
-            async with self._pool.acquire() as conn:
+
+            async def write(conn: Connection) -> tenants_pb2.CreateTenantResponse:
                 try:
                     tenant = await store.create_tenant(conn, request.name, request.display_name, limits)
-                except ValueError as exc:
-                    raise _invalid("name", str(exc)) from None
                 except store.TenantExists as exc:
                     raise RpcError(already_exists("tenant", request.name, str(exc))) from None
-            return tenants_pb2.CreateTenantResponse(tenant=tenant_message(tenant))
+                return tenants_pb2.CreateTenantResponse(tenant=tenant_message(tenant))
+
+            return await self._once.run(request, tenants_pb2.CreateTenantResponse, write)
 
         return await self._call(context, work)
 
@@ -265,11 +330,12 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.UpdateTenantRequest, context: Context
     ) -> tenants_pb2.UpdateTenantResponse:
         async def work() -> tenants_pb2.UpdateTenantResponse:
-            tenant_id = parse_tenant_id(request.tenant.tenant_id, "tenant.tenant_id")
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant.tenant_id, "tenant.tenant_id")
             paths = list(request.update_mask.paths) or ["display_name", "limits"]
             display_name: str | None = None
             limit_names: list[str] = []
-            violations: list[FieldViolation] = []
+            violations = checks.violations
             for path in paths:
                 if path == "display_name":
                     display_name = request.tenant.display_name
@@ -286,31 +352,47 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
                         )
                     )
             violations += validate_limits(request.tenant.limits, limit_names, "tenant.limits")
-            if violations:
-                raise RpcError(invalid_argument(violations))
+            checks.raise_if_any()
             limits = {name: getattr(request.tenant.limits, name) for name in limit_names}
-            async with self._pool.acquire() as conn, conn.transaction():
+
+            async def write(conn: Connection) -> tenants_pb2.UpdateTenantResponse:
                 tenant = await store.update_tenant(conn, tenant_id, display_name=display_name, limits=limits)
-            if tenant is None:
-                raise RpcError(not_found("tenant", request.tenant.tenant_id))
-            return tenants_pb2.UpdateTenantResponse(tenant=tenant_message(tenant))
+                if tenant is None:
+                    raise RpcError(not_found("tenant", request.tenant.tenant_id))
+                return tenants_pb2.UpdateTenantResponse(tenant=tenant_message(tenant))
+
+            return await self._once.run(request, tenants_pb2.UpdateTenantResponse, write)
 
         return await self._call(context, work)
 
-    async def _set_disabled(self, tenant_id_text: str, disabled: bool) -> store.Tenant:
-        tenant_id = parse_tenant_id(tenant_id_text)
-        async with self._pool.acquire() as conn, conn.transaction():
+    async def _set_disabled(
+        self,
+        request: tenants_pb2.DisableTenantRequest | tenants_pb2.EnableTenantRequest,
+        response_type: type[R],
+        respond: Callable[[tenants_pb2.Tenant], R],
+    ) -> R:
+        checks = FieldChecks(request.request_id)
+        tenant_id = checks.tenant_id(request.tenant_id)
+        checks.raise_if_any()
+        disabled = isinstance(request, tenants_pb2.DisableTenantRequest)
+
+        async def write(conn: Connection) -> R:
             tenant = await store.set_tenant_disabled(conn, tenant_id, disabled)
-        if tenant is None:
-            raise RpcError(not_found("tenant", tenant_id_text))
-        return tenant
+            if tenant is None:
+                raise RpcError(not_found("tenant", request.tenant_id))
+            return respond(tenant_message(tenant))
+
+        return await self._once.run(request, response_type, write)
 
     async def DisableTenant(
         self, request: tenants_pb2.DisableTenantRequest, context: Context
     ) -> tenants_pb2.DisableTenantResponse:
         async def work() -> tenants_pb2.DisableTenantResponse:
-            tenant = await self._set_disabled(request.tenant_id, True)
-            return tenants_pb2.DisableTenantResponse(tenant=tenant_message(tenant))
+            return await self._set_disabled(
+                request,
+                tenants_pb2.DisableTenantResponse,
+                lambda tenant: tenants_pb2.DisableTenantResponse(tenant=tenant),
+            )
 
         return await self._call(context, work)
 
@@ -318,8 +400,11 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.EnableTenantRequest, context: Context
     ) -> tenants_pb2.EnableTenantResponse:
         async def work() -> tenants_pb2.EnableTenantResponse:
-            tenant = await self._set_disabled(request.tenant_id, False)
-            return tenants_pb2.EnableTenantResponse(tenant=tenant_message(tenant))
+            return await self._set_disabled(
+                request,
+                tenants_pb2.EnableTenantResponse,
+                lambda tenant: tenants_pb2.EnableTenantResponse(tenant=tenant),
+            )
 
         return await self._call(context, work)
 
@@ -327,12 +412,26 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.CreateApiKeyRequest, context: Context
     ) -> tenants_pb2.CreateApiKeyResponse:
         async def work() -> tenants_pb2.CreateApiKeyResponse:
-            async with self._pool.acquire() as conn, conn.transaction():
-                tenant = await self._tenant_or_404(conn, request.tenant_id)
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant_id)
+            checks.raise_if_any()
+
+            async def write(conn: Connection) -> tenants_pb2.CreateApiKeyResponse:
+                tenant = await self._tenant_or_404(conn, str(tenant_id))
                 key = await store.create_api_key(conn, tenant.id)
                 record = await store.get_api_key(conn, tenant.id, key.key_id)
-            assert record is not None
-            return tenants_pb2.CreateApiKeyResponse(api_key=api_key_message(record), secret=key.token)
+                assert record is not None
+                return tenants_pb2.CreateApiKeyResponse(api_key=api_key_message(record), secret=key.token)
+
+            return await self._once.run(
+                request,
+                tenants_pb2.CreateApiKeyResponse,
+                write,
+                # Only a hash of the key is ever stored: a replay shows the key without its secret.
+                stored_form=lambda r: tenants_pb2.CreateApiKeyResponse(
+                    api_key=r.api_key, secret_withheld=True
+                ),
+            )
 
         return await self._call(context, work)
 
@@ -350,12 +449,17 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.RevokeApiKeyRequest, context: Context
     ) -> tenants_pb2.RevokeApiKeyResponse:
         async def work() -> tenants_pb2.RevokeApiKeyResponse:
-            tenant_id = parse_tenant_id(request.tenant_id)
-            async with self._pool.acquire() as conn, conn.transaction():
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant_id)
+            checks.raise_if_any()
+
+            async def write(conn: Connection) -> tenants_pb2.RevokeApiKeyResponse:
                 record = await store.revoke_api_key(conn, tenant_id, request.key_id)
-            if record is None:
-                raise RpcError(not_found("api key", request.key_id))
-            return tenants_pb2.RevokeApiKeyResponse(api_key=api_key_message(record))
+                if record is None:
+                    raise RpcError(not_found("api key", request.key_id))
+                return tenants_pb2.RevokeApiKeyResponse(api_key=api_key_message(record))
+
+            return await self._once.run(request, tenants_pb2.RevokeApiKeyResponse, write)
 
         return await self._call(context, work)
 
@@ -363,33 +467,19 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.SetProviderConfigRequest, context: Context
     ) -> tenants_pb2.SetProviderConfigResponse:
         async def work() -> tenants_pb2.SetProviderConfigResponse:
-            violations: list[FieldViolation] = []
-            tenant_id: uuid.UUID | None = None
-            channel: str | None = None
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant_id)
+            channel = checks.channel(request.channel)
             try:
-                tenant_id = parse_tenant_id(request.tenant_id)
-            except RpcError:
-                violations.append(FieldViolation(field="tenant_id", description="must be a tenant id (UUID)"))
-            try:
-                channel = parse_channel(request.channel)
-            except RpcError:
-                violations.append(
-                    FieldViolation(
-                        field="channel", description="one of CHANNEL_EMAIL, CHANNEL_SMS, CHANNEL_PUSH"
-                    )
-                )
-            try:
-                split = split_provider_config(channel, request.config)
+                split = split_provider_config(channel or None, request.config)
             except RequestInvalid as exc:
-                violations += exc.violations
-            if violations:
-                raise RpcError(invalid_argument(violations))
-            assert tenant_id is not None
-            assert channel is not None
-            ring = self._require_key_ring()
+                checks.violations += exc.violations
+            checks.raise_if_any()
+            ring = self._once.require_key_ring()
             secrets_json = json.dumps(split.secrets, sort_keys=True).encode("utf-8")
             sealed = ring.seal(secrets_json, secrets_associated_data(tenant_id, channel))
-            async with self._pool.acquire() as conn, conn.transaction():
+
+            async def write(conn: Connection) -> tenants_pb2.SetProviderConfigResponse:
                 await self._tenant_or_404(conn, request.tenant_id)
                 stored = await store.upsert_provider_config(
                     conn,
@@ -406,18 +496,11 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
                         updated_at=None,  # type: ignore[arg-type]
                     ),
                 )
-            return tenants_pb2.SetProviderConfigResponse(config=provider_config_view(stored))
+                return tenants_pb2.SetProviderConfigResponse(config=provider_config_view(stored))
+
+            return await self._once.run(request, tenants_pb2.SetProviderConfigResponse, write, keyed=True)
 
         return await self._call(context, work)
-
-    def _require_key_ring(self) -> MasterKeyRing:
-        if self._key_ring is None:
-            raise RpcError(
-                failed_precondition(
-                    "MASTER_KEY_MISSING", "SWITCHBOARD_MASTER_KEY is not set: secrets cannot be sealed"
-                )
-            )
-        return self._key_ring
 
     async def GetProviderConfig(
         self, request: tenants_pb2.GetProviderConfigRequest, context: Context
@@ -446,13 +529,17 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.DeleteProviderConfigRequest, context: Context
     ) -> tenants_pb2.DeleteProviderConfigResponse:
         async def work() -> tenants_pb2.DeleteProviderConfigResponse:
-            tenant_id = parse_tenant_id(request.tenant_id)
-            channel = parse_channel(request.channel)
-            async with self._pool.acquire() as conn, conn.transaction():
-                deleted = await store.delete_provider_config(conn, tenant_id, channel)
-            if not deleted:
-                raise RpcError(not_found("provider config", f"{request.tenant_id}/{channel}"))
-            return tenants_pb2.DeleteProviderConfigResponse()
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant_id)
+            channel = checks.channel(request.channel)
+            checks.raise_if_any()
+
+            async def write(conn: Connection) -> tenants_pb2.DeleteProviderConfigResponse:
+                if not await store.delete_provider_config(conn, tenant_id, channel):
+                    raise RpcError(not_found("provider config", f"{request.tenant_id}/{channel}"))
+                return tenants_pb2.DeleteProviderConfigResponse()
+
+            return await self._once.run(request, tenants_pb2.DeleteProviderConfigResponse, write)
 
         return await self._call(context, work)
 
@@ -460,23 +547,18 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.SetProcessorConfigRequest, context: Context
     ) -> tenants_pb2.SetProcessorConfigResponse:
         async def work() -> tenants_pb2.SetProcessorConfigResponse:
-            violations: list[FieldViolation] = []
-            tenant_id: uuid.UUID | None = None
-            try:
-                tenant_id = parse_tenant_id(request.tenant_id)
-            except RpcError:
-                violations.append(FieldViolation(field="tenant_id", description="must be a tenant id (UUID)"))
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant_id)
             try:
                 split = split_processor_config(request.config)
             except RequestInvalid as exc:
-                violations += exc.violations
-            if violations:
-                raise RpcError(invalid_argument(violations))
-            assert tenant_id is not None
-            ring = self._require_key_ring()
+                checks.violations += exc.violations
+            checks.raise_if_any()
+            ring = self._once.require_key_ring()
             plaintext = split.secrets.to_json()
             sealed = ring.seal(plaintext, processor_secrets_associated_data(tenant_id, split.processor))
-            async with self._pool.acquire() as conn, conn.transaction():
+
+            async def write(conn: Connection) -> tenants_pb2.SetProcessorConfigResponse:
                 await self._tenant_or_404(conn, request.tenant_id)
                 stored = await processor_store.upsert_processor_config(
                     conn,
@@ -496,7 +578,9 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
                         ],
                     ),
                 )
-            return tenants_pb2.SetProcessorConfigResponse(config=processor_config_view(stored))
+                return tenants_pb2.SetProcessorConfigResponse(config=processor_config_view(stored))
+
+            return await self._once.run(request, tenants_pb2.SetProcessorConfigResponse, write, keyed=True)
 
         return await self._call(context, work)
 
@@ -529,13 +613,17 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.DeleteProcessorConfigRequest, context: Context
     ) -> tenants_pb2.DeleteProcessorConfigResponse:
         async def work() -> tenants_pb2.DeleteProcessorConfigResponse:
-            tenant_id = parse_tenant_id(request.tenant_id)
-            processor = parse_processor(request.processor)
-            async with self._pool.acquire() as conn, conn.transaction():
-                deleted = await processor_store.delete_processor_config(conn, tenant_id, processor)
-            if not deleted:
-                raise RpcError(not_found("processor config", f"{request.tenant_id}/{processor}"))
-            return tenants_pb2.DeleteProcessorConfigResponse()
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant_id)
+            processor = checks.processor(request.processor)
+            checks.raise_if_any()
+
+            async def write(conn: Connection) -> tenants_pb2.DeleteProcessorConfigResponse:
+                if not await processor_store.delete_processor_config(conn, tenant_id, processor):
+                    raise RpcError(not_found("processor config", f"{request.tenant_id}/{processor}"))
+                return tenants_pb2.DeleteProcessorConfigResponse()
+
+            return await self._once.run(request, tenants_pb2.DeleteProcessorConfigResponse, write)
 
         return await self._call(context, work)
 
@@ -543,8 +631,15 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.SetStatusCallbackRequest, context: Context
     ) -> tenants_pb2.SetStatusCallbackResponse:
         async def work() -> tenants_pb2.SetStatusCallbackResponse:
-            tenant_id = parse_tenant_id(request.tenant_id)
-            async with self._pool.acquire() as conn, conn.transaction():
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant_id)
+            try:
+                callbacks.validate_callback_url(request.url)
+            except callbacks.CallbackUrlError as exc:
+                checks.violations.append(FieldViolation(field="url", description=str(exc)))
+            checks.raise_if_any()
+
+            async def write(conn: Connection) -> tenants_pb2.SetStatusCallbackResponse:
                 try:
                     secret = await callbacks.set_tenant_callback(
                         conn,
@@ -552,16 +647,22 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
                         request.url,
                         previous_secret_valid_s=float(request.previous_secret_valid_seconds),
                     )
-                except callbacks.CallbackUrlError as exc:
-                    raise _invalid("url", str(exc)) from None
                 except LookupError:
                     raise RpcError(not_found("tenant", request.tenant_id)) from None
-                except ValueError as exc:
-                    raise _invalid("previous_secret_valid_seconds", str(exc)) from None
                 stored = await callbacks.get_tenant_callback(conn, tenant_id)
-            assert stored is not None
-            return tenants_pb2.SetStatusCallbackResponse(
-                callback=status_callback_message(stored), signing_secret=secret.hex()
+                assert stored is not None
+                return tenants_pb2.SetStatusCallbackResponse(
+                    callback=status_callback_message(stored), signing_secret=secret.hex()
+                )
+
+            return await self._once.run(
+                request,
+                tenants_pb2.SetStatusCallbackResponse,
+                write,
+                # The idempotency record keeps no secret: a replay shows the endpoint without it.
+                stored_form=lambda r: tenants_pb2.SetStatusCallbackResponse(
+                    callback=r.callback, signing_secret_withheld=True
+                ),
             )
 
         return await self._call(context, work)
@@ -581,11 +682,15 @@ class TenantAdminService(tenants_pb2_grpc.TenantAdminServiceServicer):
         self, request: tenants_pb2.DeleteStatusCallbackRequest, context: Context
     ) -> tenants_pb2.DeleteStatusCallbackResponse:
         async def work() -> tenants_pb2.DeleteStatusCallbackResponse:
-            tenant_id = parse_tenant_id(request.tenant_id)
-            async with self._pool.acquire() as conn, conn.transaction():
-                deleted = await callbacks.delete_tenant_callback(conn, tenant_id)
-            if not deleted:
-                raise RpcError(not_found("status callback", request.tenant_id))
-            return tenants_pb2.DeleteStatusCallbackResponse()
+            checks = FieldChecks(request.request_id)
+            tenant_id = checks.tenant_id(request.tenant_id)
+            checks.raise_if_any()
+
+            async def write(conn: Connection) -> tenants_pb2.DeleteStatusCallbackResponse:
+                if not await callbacks.delete_tenant_callback(conn, tenant_id):
+                    raise RpcError(not_found("status callback", request.tenant_id))
+                return tenants_pb2.DeleteStatusCallbackResponse()
+
+            return await self._once.run(request, tenants_pb2.DeleteStatusCallbackResponse, write)
 
         return await self._call(context, work)

@@ -96,30 +96,43 @@ def idempotency_key_reused(request_id: str) -> status_pb2.Status:
     )
 
 
-def key_in_flux(request_id: str, retry_after_ms: int = 100) -> status_pb2.Status:
-    """ABORTED with ``RetryInfo``: the request_id changed hands while we read it (it
-    expired and was reaped between our write and our read); retrying is safe."""
+def _retry_later(
+    code: int, message: str, retry_after_ms: int, reason: str, metadata: Mapping[str, str] | None = None
+) -> status_pb2.Status:
+    """A status whose retry may succeed: ``RetryInfo`` with the delay, and ``ErrorInfo``."""
     delay = duration_pb2.Duration()
     delay.FromMilliseconds(retry_after_ms)
     return status_pb2.Status(
-        code=code_pb2.ABORTED,
-        message=f"request_id {request_id!r} was being reused concurrently; retry with the same request_id",
-        details=_pack(
-            error_details_pb2.RetryInfo(retry_delay=delay),
-            error_info("IDEMPOTENCY_KEY_IN_FLUX", {"request_id": request_id}),
-        ),
+        code=code,
+        message=message,
+        details=_pack(error_details_pb2.RetryInfo(retry_delay=delay), error_info(reason, metadata)),
     )
+
+
+def key_in_flux(request_id: str, retry_after_ms: int = 100) -> status_pb2.Status:
+    """ABORTED with ``RetryInfo``: the request_id is held by a concurrent request past the
+    lock timeout, or changed hands while we read it (it expired and was reaped between our
+    write and our read); nothing was written, retrying with the same request_id is safe."""
+    return _retry_later(
+        code_pb2.ABORTED,
+        f"request_id {request_id!r} was being reused concurrently; retry with the same request_id",
+        retry_after_ms,
+        "IDEMPOTENCY_KEY_IN_FLUX",
+        {"request_id": request_id},
+    )
+
+
+def concurrent_change(message: str, retry_after_ms: int = 200) -> status_pb2.Status:
+    """ABORTED with ``RetryInfo``: a row the request needs stayed locked by another
+    change longer than the lock timeout (or a deadlock was broken). Nothing was
+    written, so retrying with the same request_id is safe (AIP-193 maps
+    concurrency conflicts to ABORTED)."""
+    return _retry_later(code_pb2.ABORTED, message, retry_after_ms, "CONCURRENT_CHANGE")
 
 
 def unavailable(message: str, retry_after_ms: int) -> status_pb2.Status:
     """UNAVAILABLE with ``RetryInfo`` (a dependency is down; retry with the same request_id)."""
-    delay = duration_pb2.Duration()
-    delay.FromMilliseconds(retry_after_ms)
-    return status_pb2.Status(
-        code=code_pb2.UNAVAILABLE,
-        message=message,
-        details=_pack(error_details_pb2.RetryInfo(retry_delay=delay), error_info("DEPENDENCY_UNAVAILABLE")),
-    )
+    return _retry_later(code_pb2.UNAVAILABLE, message, retry_after_ms, "DEPENDENCY_UNAVAILABLE")
 
 
 def already_exists(resource: str, name: str, message: str) -> status_pb2.Status:

@@ -44,6 +44,7 @@ from payments.validation import (
     validate_create_request,
     validate_refund_request,
 )
+from switchboard.db.pool import read_snapshot
 from switchboard.payments.v1 import payments_pb2, payments_pb2_grpc
 
 PAYMENT_SERVICE_NAME = payments_pb2.DESCRIPTOR.services_by_name["PaymentService"].full_name
@@ -195,7 +196,8 @@ class PaymentService(payments_pb2_grpc.PaymentServiceServicer):
                     payment_id = parse_payment_id(request.payment_id)
                 except RequestInvalid as exc:
                     raise _invalid(exc) from None
-                payment = await store.get_payment(self._pool, tenant_id, payment_id)
+                async with read_snapshot(self._pool) as conn:
+                    payment = await store.get_payment(conn, tenant_id, payment_id)
             if payment is None:
                 raise RpcError(not_found("payment", request.payment_id))
             return payments_pb2.GetPaymentResponse(payment=payment)
@@ -212,7 +214,8 @@ class PaymentService(payments_pb2_grpc.PaymentServiceServicer):
                     query = parse_list_request(request)
                 except RequestInvalid as exc:
                     raise _invalid(exc) from None
-                payments, next_page_token = await store.list_payments(self._pool, tenant_id, query)
+                async with read_snapshot(self._pool) as conn:
+                    payments, next_page_token = await store.list_payments(conn, tenant_id, query)
             return payments_pb2.ListPaymentsResponse(payments=payments, next_page_token=next_page_token)
 
         return await answer(context, call)
@@ -237,8 +240,8 @@ class PaymentService(payments_pb2_grpc.PaymentServiceServicer):
 
 
 async def _read(pool: asyncpg.Pool, tenant_id: uuid.UUID, payment_id: uuid.UUID) -> payments_pb2.Payment:
-    async with database_errors_as_unavailable():
-        payment = await store.get_payment(pool, tenant_id, payment_id)
+    async with database_errors_as_unavailable(), read_snapshot(pool) as conn:
+        payment = await store.get_payment(conn, tenant_id, payment_id)
     if payment is None:
         raise RpcError(not_found("payment", str(payment_id)))
     return payment

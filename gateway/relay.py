@@ -136,7 +136,13 @@ async def sweep_unfinished_deliveries(
 
 
 async def reap_idempotency_keys(pool: asyncpg.Pool, *, retention_s: float, limit: int = 10_000) -> int:
-    """Delete up to ``limit`` request_id records older than ``retention_s`` seconds; return how many."""
+    """Delete request_id records older than ``retention_s`` seconds; return how many.
+
+    Both key spaces: the tenants' (``idempotency_keys``: notifications and
+    payments) and the operator's (``admin_idempotency_keys``: TenantAdminService),
+    up to ``limit`` rows of each per call. Rows locked by a request taking the
+    key over are skipped.
+    """
     deleted = await pool.fetchval(
         """WITH old AS (
                SELECT tenant_id, request_id FROM idempotency_keys
@@ -145,8 +151,16 @@ async def reap_idempotency_keys(pool: asyncpg.Pool, *, retention_s: float, limit
            gone AS (
                DELETE FROM idempotency_keys k USING old
                 WHERE k.tenant_id = old.tenant_id AND k.request_id = old.request_id
+               RETURNING 1),
+           old_admin AS (
+               SELECT request_id FROM admin_idempotency_keys
+                WHERE created_at < now() - make_interval(secs => $1)
+                LIMIT $2 FOR UPDATE SKIP LOCKED),
+           gone_admin AS (
+               DELETE FROM admin_idempotency_keys k USING old_admin
+                WHERE k.request_id = old_admin.request_id
                RETURNING 1)
-           SELECT count(*) FROM gone""",
+           SELECT (SELECT count(*) FROM gone) + (SELECT count(*) FROM gone_admin)""",
         retention_s,
         limit,
     )

@@ -116,7 +116,10 @@ async def start_gateway(
     )
     admin_token = settings.admin_token.get_secret_value() if settings.admin_token else None
     tenants_pb2_grpc.add_TenantAdminServiceServicer_to_server(
-        TenantAdminService(pool, admin_token, key_ring), server
+        TenantAdminService(
+            pool, admin_token, key_ring, idempotency_retention_s=settings.idempotency_retention_s
+        ),
+        server,
     )
     health = HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health, server)

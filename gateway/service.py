@@ -22,6 +22,7 @@ from gateway.status_queries import get_notification, list_notifications, parse_l
 from gateway.status_stream import status_hub_for, stream_answer, watch_notification
 from gateway.validation import FieldViolation, RequestInvalid, validate_batch_size, validate_send_request
 from gateway.write_path import DEFAULT_IDEMPOTENCY_RETENTION_S, AcceptRequest, GroupCommit
+from switchboard.db.pool import read_snapshot
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 
 log = structlog.get_logger(__name__)
@@ -113,7 +114,8 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                             ]
                         )
                     ) from None
-                notification = await get_notification(self._pool, tenant_id, notification_id)
+                async with read_snapshot(self._pool) as conn:
+                    notification = await get_notification(conn, tenant_id, notification_id)
             if notification is None:
                 raise RpcError(not_found("notification", request.notification_id))
             return notify_pb2.GetNotificationResponse(notification=notification)
@@ -130,7 +132,8 @@ class NotificationService(notify_pb2_grpc.NotificationServiceServicer):
                     query = parse_list_request(request)
                 except RequestInvalid as exc:
                     raise RpcError(invalid_argument(exc.violations)) from None
-                notifications, next_page_token = await list_notifications(self._pool, tenant_id, query)
+                async with read_snapshot(self._pool) as conn:
+                    notifications, next_page_token = await list_notifications(conn, tenant_id, query)
             return notify_pb2.ListNotificationsResponse(
                 notifications=notifications, next_page_token=next_page_token
             )

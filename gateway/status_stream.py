@@ -44,7 +44,7 @@ from grpc_status import rpc_status
 from gateway.errors import RpcError, not_found, unavailable
 from gateway.rpc import database_errors_as_unavailable
 from gateway.status_queries import FINAL_NOTIFICATION_STATUSES, get_notification
-from switchboard.db.pool import Connection
+from switchboard.db.pool import Connection, read_snapshot
 from switchboard.notify.v1 import notify_pb2
 
 log = structlog.get_logger(__name__)
@@ -259,8 +259,8 @@ def _shutting_down() -> status_pb2.Status:
 async def _read(
     pool: asyncpg.Pool, tenant_id: uuid.UUID, notification_id: uuid.UUID
 ) -> notify_pb2.Notification:
-    async with database_errors_as_unavailable():
-        notification = await get_notification(pool, tenant_id, notification_id)
+    async with database_errors_as_unavailable(), read_snapshot(pool) as conn:
+        notification = await get_notification(conn, tenant_id, notification_id)
     if notification is None:
         raise RpcError(not_found("notification", str(notification_id)))
     return notification

@@ -1,7 +1,9 @@
 """Operator commands over TenantAdminService: ``switchboard tenants|keys|providers ...``.
 
 They call the gateway at ``SWITCHBOARD_GRPC_ADDR`` with the operator token
-``SWITCHBOARD_ADMIN_TOKEN``. Provider and payment processor secrets are read
+``SWITCHBOARD_ADMIN_TOKEN``. Every mutating call carries a fresh UUID4
+``request_id`` (AIP-155, required by the admin API; docs/idempotency.md), so
+two runs of a command are two requests. Provider and payment processor secrets are read
 from a JSON file or standard input (``--config -``), never from the command
 line, where they would land in shell history and ``ps`` output. Payment
 processors are under ``switchboard providers processors set|get|list|delete``.
@@ -11,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, TypeVar
@@ -43,6 +46,11 @@ processors_app = typer.Typer(
 providers_app.add_typer(processors_app, name="processors")
 
 CHANNELS = {"email": notify_pb2.CHANNEL_EMAIL, "sms": notify_pb2.CHANNEL_SMS, "push": notify_pb2.CHANNEL_PUSH}
+
+
+def _request_id() -> str:
+    """A fresh idempotency key (UUID4) for one mutating admin call."""
+    return str(uuid.uuid4())
 
 
 def _call(work: Callable[[AdminStub, Metadata], Awaitable[T]]) -> T:
@@ -142,14 +150,18 @@ def tenants_create(
     async def work(stub: Any, md: Any) -> tuple[tenants_pb2.Tenant, str]:
         tenant = (
             await stub.CreateTenant(
-                tenants_pb2.CreateTenantRequest(name=name, display_name=display_name), metadata=md
+                tenants_pb2.CreateTenantRequest(
+                    request_id=_request_id(), name=name, display_name=display_name
+                ),
+                metadata=md,
             )
         ).tenant
         secret = ""
         if with_key:
             secret = (
                 await stub.CreateApiKey(
-                    tenants_pb2.CreateApiKeyRequest(tenant_id=tenant.tenant_id), metadata=md
+                    tenants_pb2.CreateApiKeyRequest(request_id=_request_id(), tenant_id=tenant.tenant_id),
+                    metadata=md,
                 )
             ).secret
         return tenant, secret
@@ -184,7 +196,9 @@ def tenants_list(page_size: int = 100) -> None:
 def tenants_disable(tenant_id: str) -> None:
     """Disable a tenant: its keys are refused, its deliveries end FAILED."""
     tenant = _call(
-        lambda s, md: s.DisableTenant(tenants_pb2.DisableTenantRequest(tenant_id=tenant_id), metadata=md)
+        lambda s, md: s.DisableTenant(
+            tenants_pb2.DisableTenantRequest(request_id=_request_id(), tenant_id=tenant_id), metadata=md
+        )
     )
     console.print(_tenant_table([tenant.tenant]))
 
@@ -193,7 +207,9 @@ def tenants_disable(tenant_id: str) -> None:
 def tenants_enable(tenant_id: str) -> None:
     """Enable a disabled tenant."""
     tenant = _call(
-        lambda s, md: s.EnableTenant(tenants_pb2.EnableTenantRequest(tenant_id=tenant_id), metadata=md)
+        lambda s, md: s.EnableTenant(
+            tenants_pb2.EnableTenantRequest(request_id=_request_id(), tenant_id=tenant_id), metadata=md
+        )
     )
     console.print(_tenant_table([tenant.tenant]))
 
@@ -202,7 +218,9 @@ def tenants_enable(tenant_id: str) -> None:
 def keys_create(tenant_id: str) -> None:
     """Create an API key; it is printed once and only its hash is stored."""
     reply = _call(
-        lambda s, md: s.CreateApiKey(tenants_pb2.CreateApiKeyRequest(tenant_id=tenant_id), metadata=md)
+        lambda s, md: s.CreateApiKey(
+            tenants_pb2.CreateApiKeyRequest(request_id=_request_id(), tenant_id=tenant_id), metadata=md
+        )
     )
     console.print(_key_table([reply.api_key]))
     console.print("API key (shown once):")
@@ -223,10 +241,26 @@ def keys_revoke(tenant_id: str, key_id: str) -> None:
     """Revoke a key; every gateway refuses it within about a second."""
     reply = _call(
         lambda s, md: s.RevokeApiKey(
-            tenants_pb2.RevokeApiKeyRequest(tenant_id=tenant_id, key_id=key_id), metadata=md
+            tenants_pb2.RevokeApiKeyRequest(request_id=_request_id(), tenant_id=tenant_id, key_id=key_id),
+            metadata=md,
         )
     )
     console.print(_key_table([reply.api_key]))
+
+
+def read_source(source: str) -> str:
+    """The text of the file ``source``, or standard input when it is ``-``.
+
+    Raises ``typer.BadParameter`` (exit status 2, no traceback) for a file that cannot be read
+    as UTF-8 text, naming the file and the reason but never quoting its content.
+    """
+    if source == "-":
+        return sys.stdin.read()
+    try:
+        return Path(source).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
+        raise typer.BadParameter(f"cannot read {source}: {reason}", param_hint="'--config'") from None
 
 
 def read_config(source: str) -> tenants_pb2.ProviderConfig:
@@ -234,8 +268,9 @@ def read_config(source: str) -> tenants_pb2.ProviderConfig:
 
     The JSON is the protobuf JSON form, e.g.
     ``{"smtp": {"host": "smtp.example.com", "port": 587, "tlsMode": "SMTP_TLS_MODE_STARTTLS", ...}}``.
+    Raises ``typer.BadParameter`` (never quoting the content) if it cannot be read or is not one.
     """
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    text = read_source(source)
     try:
         return json_format.Parse(text, tenants_pb2.ProviderConfig())
     except json_format.ParseError as exc:
@@ -258,7 +293,7 @@ def providers_set(
     reply = _call(
         lambda s, md: s.SetProviderConfig(
             tenants_pb2.SetProviderConfigRequest(
-                tenant_id=tenant_id, channel=CHANNELS[channel], config=message
+                request_id=_request_id(), tenant_id=tenant_id, channel=CHANNELS[channel], config=message
             ),
             metadata=md,
         )
@@ -297,7 +332,9 @@ def providers_delete(tenant_id: str, channel: str) -> None:
         raise typer.BadParameter(f"channel must be one of {sorted(CHANNELS)}")
     _call(
         lambda s, md: s.DeleteProviderConfig(
-            tenants_pb2.DeleteProviderConfigRequest(tenant_id=tenant_id, channel=CHANNELS[channel]),
+            tenants_pb2.DeleteProviderConfigRequest(
+                request_id=_request_id(), tenant_id=tenant_id, channel=CHANNELS[channel]
+            ),
             metadata=md,
         )
     )
@@ -312,7 +349,7 @@ def read_processor_config(source: str) -> tenants_pb2.ProcessorConfig:
     ``{"priority": 1, "adyen": {"apiKey": "...", "merchantAccount": "AcmeECOM", "hmacKeys": ["44782D..."]}}``.
     Raises ``typer.BadParameter`` (never quoting the content) if it is not one.
     """
-    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    text = read_source(source)
     try:
         return json_format.Parse(text, tenants_pb2.ProcessorConfig())
     except json_format.ParseError as exc:
@@ -331,7 +368,10 @@ def processors_set(
     message = read_processor_config(config)
     reply = _call(
         lambda s, md: s.SetProcessorConfig(
-            tenants_pb2.SetProcessorConfigRequest(tenant_id=tenant_id, config=message), metadata=md
+            tenants_pb2.SetProcessorConfigRequest(
+                request_id=_request_id(), tenant_id=tenant_id, config=message
+            ),
+            metadata=md,
         )
     )
     console.print(_processor_table([reply.config]))
@@ -366,7 +406,10 @@ def processors_delete(
     """Delete a tenant's configuration of one processor."""
     _call(
         lambda s, md: s.DeleteProcessorConfig(
-            tenants_pb2.DeleteProcessorConfigRequest(tenant_id=tenant_id, processor=processor), metadata=md
+            tenants_pb2.DeleteProcessorConfigRequest(
+                request_id=_request_id(), tenant_id=tenant_id, processor=processor
+            ),
+            metadata=md,
         )
     )
     console.print(f"deleted the {processor} processor of {tenant_id}")
@@ -516,14 +559,18 @@ def dlq_replay(
     with Progress(console=console) as progress:
         task = progress.add_task("replaying", total=None)
 
-        def report(done: int, total: int) -> None:
+        def report_progress(done: int, total: int) -> None:
             progress.update(task, completed=done, total=total)
 
-        count = asyncio.run(
+        report = asyncio.run(
             _with_pool(
                 lambda pool: replay_dead_letters(
-                    pool, where, topic_prefix=prefix, dry_run=dry_run, progress=report
+                    pool, where, topic_prefix=prefix, dry_run=dry_run, progress=report_progress
                 )
             )
         )
-    console.print(f"{'would replay' if dry_run else 'replayed'} {count} dead letter(s)")
+    console.print(f"{'would replay' if dry_run else 'replayed'} {report.replayed} dead letter(s)")
+    if report.skipped:
+        console.print(f"{'would skip' if dry_run else 'skipped'} {len(report.skipped)} (left in the DLQ):")
+        for skipped in report.skipped:
+            console.print(f"  {skipped.letter.delivery_id} ({skipped.letter.channel}): {skipped.why}")

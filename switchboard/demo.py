@@ -68,12 +68,15 @@ async def demo_api_key(stack: DevStack) -> tuple[str, str]:
                 break
         if not tenant_id:
             created = await admin.CreateTenant(
-                tenants_pb2.CreateTenantRequest(name=DEMO_TENANT, display_name="Demo tenant"),
+                tenants_pb2.CreateTenantRequest(
+                    request_id=str(uuid.uuid4()), name=DEMO_TENANT, display_name="Demo tenant"
+                ),
                 metadata=metadata,
             )
             tenant_id = created.tenant.tenant_id
         await admin.SetProviderConfig(
             tenants_pb2.SetProviderConfigRequest(
+                request_id=str(uuid.uuid4()),
                 tenant_id=tenant_id,
                 channel=notify_pb2.CHANNEL_EMAIL,
                 config=tenants_pb2.ProviderConfig(
@@ -91,6 +94,7 @@ async def demo_api_key(stack: DevStack) -> tuple[str, str]:
         assert fakes is not None
         await admin.SetProviderConfig(
             tenants_pb2.SetProviderConfigRequest(
+                request_id=str(uuid.uuid4()),
                 tenant_id=tenant_id,
                 channel=notify_pb2.CHANNEL_SMS,
                 config=tenants_pb2.ProviderConfig(
@@ -106,6 +110,7 @@ async def demo_api_key(stack: DevStack) -> tuple[str, str]:
         )
         await admin.SetProviderConfig(
             tenants_pb2.SetProviderConfigRequest(
+                request_id=str(uuid.uuid4()),
                 tenant_id=tenant_id,
                 channel=notify_pb2.CHANNEL_PUSH,
                 config=tenants_pb2.ProviderConfig(
@@ -118,7 +123,8 @@ async def demo_api_key(stack: DevStack) -> tuple[str, str]:
             metadata=metadata,
         )
         key = await admin.CreateApiKey(
-            tenants_pb2.CreateApiKeyRequest(tenant_id=tenant_id), metadata=metadata
+            tenants_pb2.CreateApiKeyRequest(request_id=str(uuid.uuid4()), tenant_id=tenant_id),
+            metadata=metadata,
         )
         return tenant_id, key.secret
 

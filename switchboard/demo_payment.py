@@ -75,6 +75,7 @@ async def configure_payments(stack: DevStack, tenant_id: str) -> None:
         admin = tenants_pb2_grpc.TenantAdminServiceStub(channel)
         await admin.SetProcessorConfig(
             tenants_pb2.SetProcessorConfigRequest(
+                request_id=str(uuid.uuid4()),
                 tenant_id=tenant_id,
                 config=tenants_pb2.ProcessorConfig(
                     priority=1,

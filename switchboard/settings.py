@@ -126,6 +126,21 @@ class Settings(BaseSettings):
     worker_fetch_max_wait_ms: int = Field(
         default=50, ge=1, description="longest a worker's fetch waits at the broker for new messages"
     )
+    worker_max_in_flight: int = Field(
+        default=1_000,
+        ge=1,
+        description=(
+            "records a channel worker holds (fetched, outcome not recorded); every partition paused beyond"
+        ),
+    )
+    worker_max_in_flight_per_tenant: int = Field(
+        default=100,
+        ge=1,
+        description=(
+            "records one tenant's lane (partition + tenant) holds in a channel worker; beyond it that"
+            " partition is paused until the lane is down to half"
+        ),
+    )
 
     # Payment worker and janitor (payments/execution.py, docs/payments.md "Execution").
     payment_lookup_schedule_s: str = Field(

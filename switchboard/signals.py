@@ -28,15 +28,27 @@ def _force_exit(reason: str) -> None:
     os._exit(FORCED_EXIT_CODE)
 
 
+#: Logged (info) when the first signal arrives and the drain starts; tests wait for it.
+DRAINING_EVENT = "shutdown signal received: draining"
+
+
 async def wait_for_shutdown_signal() -> None:
-    """Return on the first SIGTERM or SIGINT; from then on a second one forces exit."""
+    """Return on the first SIGTERM or SIGINT, after logging :data:`DRAINING_EVENT`;
+    from then on a second one forces exit."""
+    received: list[signal.Signals] = []
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_signal(sig: signal.Signals) -> None:
+        received.append(sig)
+        stop.set()
+
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_signal, sig)
     await stop.wait()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, _force_exit, "second signal during the drain")
+    log.info(DRAINING_EVENT, signal=received[0].name)
 
 
 async def drain(work: Awaitable[None], deadline_s: float) -> None:

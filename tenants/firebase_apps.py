@@ -1,9 +1,13 @@
-"""One ``firebase_admin`` App per tenant, and its lifecycle on an asyncio event loop.
+"""Per-tenant ``firebase_admin`` Apps, and their lifecycle on an asyncio event loop.
 
 firebase-admin keeps initialized apps in a process-wide registry keyed by name
-(https://firebase.google.com/docs/admin/setup#initialize_multiple_apps); a tenant's
-app is named ``switchboard-tenant-<tenant uuid>``. Three parts of the SDK block or
-misbehave on an event loop, and this module moves them off it:
+(https://firebase.google.com/docs/admin/setup#initialize_multiple_apps). A tenant's
+app is named ``switchboard-tenant-<tenant uuid>-<generation>``: each FCM provider
+object (one per tenant in the provider cache at a time) takes a generation of its
+own, so the app a provider deletes when it is released is always the one it
+created, never one a newer provider of the same tenant is sending through
+(channels/fcm.py). Three parts of the SDK block or misbehave on an event loop,
+and this module moves them off it:
 
 - ``firebase_admin.delete_app`` closes the messaging service's async HTTP client
   with ``asyncio.run``, which raises ``RuntimeError`` inside a running loop
@@ -11,9 +15,15 @@ misbehave on an event loop, and this module moves them off it:
   closes those clients on the loop that used them, then deletes the app in a
   worker thread.
 - The OAuth2 access token (about one hour) is refreshed by google-auth through
-  the blocking ``requests`` transport, on whichever thread asks for it: on the loop
-  if it happens inside a send. :func:`refresh_access_token` does it in a worker
-  thread; callers check :func:`access_token_needs_refresh` before sending.
+  the blocking ``requests`` transport, on whichever thread asks for it. The
+  async send path asks on the loop twice over: firebase-admin's httpx auth flow
+  (``_http_client.GoogleAuthCredentialFlow``) refreshes an invalid token before a
+  request, and after a 401 it refreshes (up to twice) and resends.
+  :func:`refresh_access_token` refreshes in a worker thread (callers check
+  :func:`access_token_needs_refresh` before sending), and
+  :func:`refresh_tokens_off_the_loop` gives the app's messaging client
+  :class:`OffLoopCredentialFlow`, which does the auth flow's own refreshes in a
+  worker thread too.
 - Building ``credentials.Certificate`` parses the RSA private key (CPU work);
   :func:`get_or_create_app` does that in a worker thread too.
 """
@@ -24,13 +34,17 @@ import asyncio
 import inspect
 import uuid
 import weakref
+from collections.abc import AsyncGenerator
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from urllib.parse import urlsplit
 
 import firebase_admin  # type: ignore[import-untyped]
-from firebase_admin import credentials
+import httpx
+from firebase_admin import credentials, messaging
+from firebase_admin._http_client import GoogleAuthCredentialFlow  # type: ignore[import-untyped]
 from google.auth import credentials as google_credentials
+from google.auth.transport import requests as google_auth_requests
 
 APP_NAME_PREFIX = "switchboard-tenant-"
 DEFAULT_REFRESH_MARGIN_S = 300.0
@@ -39,27 +53,32 @@ DEFAULT_REFRESH_MARGIN_S = 300.0
 
 # Per app name; an entry lives only while some coroutine holds the lock object.
 _init_locks: weakref.WeakValueDictionary[str, asyncio.Lock] = weakref.WeakValueDictionary()
-# Refreshes in flight, by id() of the app (the task keeps the app alive meanwhile).
+# Refreshes in flight, by id() of the google-auth credential (the task keeps it alive meanwhile).
 _refreshes: dict[int, asyncio.Task[None]] = {}
+# The HTTP transport of token refreshes (a requests.Session), as firebase_admin.credentials keeps one.
+_token_transport = google_auth_requests.Request()
 
 
-def app_name(tenant_id: uuid.UUID) -> str:
-    """The firebase_admin app name for ``tenant_id``: ``switchboard-tenant-<uuid>``."""
-    return f"{APP_NAME_PREFIX}{tenant_id}"
+def app_name(tenant_id: uuid.UUID, generation: int = 0) -> str:
+    """The firebase_admin app name of ``tenant_id``'s app ``generation``:
+    ``switchboard-tenant-<uuid>-<generation>``."""
+    return f"{APP_NAME_PREFIX}{tenant_id}-{generation}"
 
 
-async def get_or_create_app(tenant_id: uuid.UUID, service_account: dict[str, Any]) -> firebase_admin.App:
-    """The tenant's Firebase app, initialized on first use.
+async def get_or_create_app(
+    tenant_id: uuid.UUID, service_account: dict[str, Any], *, generation: int = 0
+) -> firebase_admin.App:
+    """The tenant's Firebase app ``generation``, initialized on first use.
 
     ``service_account`` is the parsed service-account JSON from the Firebase console
     (``type`` = ``service_account``, ``project_id``, ``private_key_id``,
     ``private_key`` (PEM), ``client_email``, ``token_uri``, ...). The app is
     ``firebase_admin.initialize_app(credentials.Certificate(service_account),
-    name=app_name(tenant_id), options={"projectId": project_id})``
+    name=app_name(tenant_id, generation), options={"projectId": project_id})``
     (https://firebase.google.com/docs/reference/admin/python/firebase_admin#initialize_app).
 
-    Exactly one ``initialize_app`` runs per tenant even under concurrent first use:
-    ``firebase_admin.get_app`` is checked, then again under a per-tenant lock. An
+    Exactly one ``initialize_app`` runs per name even under concurrent first use:
+    ``firebase_admin.get_app`` is checked, then again under a per-name lock. An
     existing app made from a different service account (other ``client_email``,
     ``private_key_id`` or ``project_id``: the configuration changed) is deleted and
     replaced. No network I/O happens here (tokens are fetched on first use).
@@ -70,7 +89,7 @@ async def get_or_create_app(tenant_id: uuid.UUID, service_account: dict[str, Any
     project_id = service_account.get("project_id")
     if not isinstance(project_id, str) or not project_id:
         raise ValueError("the service account has no project_id")
-    name = app_name(tenant_id)
+    name = app_name(tenant_id, generation)
     existing = _registered(name)
     if existing is not None and _made_from(existing, service_account):
         return existing
@@ -151,18 +170,32 @@ def access_token_needs_refresh(app: firebase_admin.App, margin_s: float = DEFAUL
 async def refresh_access_token(app: firebase_admin.App) -> None:
     """Fetch a new OAuth2 access token for ``app`` in a worker thread.
 
-    Calls ``app.credential.get_access_token()`` (a blocking POST of a signed JWT to
-    the service account's ``token_uri`` through google-auth's ``requests``
-    transport) via ``asyncio.to_thread``, so the event loop keeps running during
-    the round trip. Concurrent calls for the same app share one refresh.
+    :func:`refresh_credential` of the app's google-auth credential
+    (``app.credential.get_credential()``).
 
     Raises ``google.auth.exceptions.RefreshError`` when the token endpoint refuses
     the grant and ``google.auth.exceptions.TransportError`` when it cannot be reached.
     """
-    key = id(app)
+    await refresh_credential(app.credential.get_credential())
+
+
+async def refresh_credential(credential: google_credentials.Credentials) -> None:
+    """``credential.refresh()`` in a worker thread; concurrent calls for one credential share it.
+
+    For a service account that is a blocking POST of a signed JWT (RFC 7523) to its
+    ``token_uri`` through google-auth's ``requests`` transport; ``asyncio.to_thread``
+    keeps the event loop running during the round trip. A caller that joins a refresh
+    already in flight gets that refresh's token (or error).
+
+    Raises ``google.auth.exceptions.RefreshError`` when the token endpoint refuses
+    the grant and ``google.auth.exceptions.TransportError`` when it cannot be reached.
+    """
+    key = id(credential)
     task = _refreshes.get(key)
     if task is None:
-        task = asyncio.create_task(_refresh(app), name=f"firebase-token-refresh-{app.name}")
+        task = asyncio.create_task(
+            asyncio.to_thread(credential.refresh, _token_transport), name="firebase-token-refresh"
+        )
         _refreshes[key] = task
         task.add_done_callback(lambda done: _refresh_finished(key, done))
     await asyncio.shield(task)
@@ -175,6 +208,80 @@ async def ensure_access_token(app: firebase_admin.App, margin_s: float = DEFAULT
     """
     if access_token_needs_refresh(app, margin_s):
         await refresh_access_token(app)
+
+
+class OffLoopCredentialFlow(GoogleAuthCredentialFlow):  # type: ignore[misc]
+    """firebase-admin's httpx auth flow for a google-auth credential, refreshing in a worker thread.
+
+    ``firebase_admin._http_client.GoogleAuthCredentialFlow`` (firebase-admin 7) implements
+    only httpx's generator ``auth_flow``, which an ``httpx.AsyncClient`` runs on the event
+    loop; its token refreshes (google-auth's blocking ``requests`` POST) then stall the
+    loop for a token-endpoint round trip each: before a request whose token is invalid,
+    and after every 401 (up to ``_max_refresh_attempts`` = 2 per request). httpx asks
+    auth schemes that do I/O to override ``async_auth_flow``
+    (https://www.python-httpx.org/advanced/authentication/#custom-authentication-schemes,
+    and ``httpx.Auth.async_auth_flow``); this one keeps the library's rules and does each
+    refresh with :func:`refresh_credential`:
+
+    - before each send, an invalid token (missing, or within google-auth's 3 min 45 s
+      of expiry: ``credential.valid``) is refreshed first; the headers are then applied
+      by the library's ``apply_auth_headers``, which does no I/O for a valid token;
+    - a 401 answer is followed by a refresh and a resend, at most
+      ``_max_refresh_attempts`` times, after which the 401 is returned;
+    - concurrent refreshes of the credential share one token request, and a 401 for
+      a request sent with a token that has been replaced since is resent with the new
+      token without another refresh (a batch of 500 sends answered 401 together costs
+      one token request, not 1,000).
+
+    The synchronous ``auth_flow`` (``httpx.Client``) is the library's, unchanged.
+    Errors are the library's: google-auth's ``RefreshError`` / ``TransportError`` from a
+    refused or unreachable token endpoint propagate out of the request.
+    """
+
+    async def async_auth_flow(self, request: httpx.Request) -> AsyncGenerator[httpx.Request, httpx.Response]:
+        """Authenticate ``request`` (resending it after a 401 as described above)."""
+        credential: google_credentials.Credentials = self._credential
+        original_headers = request.headers.copy()
+        refreshes = 0
+        while True:
+            request.headers = original_headers.copy()
+            if not credential.valid:
+                await refresh_credential(credential)
+            sent_with = credential.token
+            self.apply_auth_headers(request, _token_transport)
+            response = yield request
+            if response.status_code not in self._refresh_status_codes:
+                return
+            if refreshes >= self._max_refresh_attempts:
+                return
+            refreshes += 1
+            if credential.token == sent_with:  # nobody refreshed it since this request went out
+                await refresh_credential(credential)
+
+
+def refresh_tokens_off_the_loop(app: firebase_admin.App) -> None:
+    """Give ``app``'s FCM messaging client an :class:`OffLoopCredentialFlow`; idempotent.
+
+    firebase-admin 7 has no option for the auth of its async HTTP client: the app's
+    ``_MessagingService`` (created on first use, cached on the app) builds
+    ``_http_client.HttpxAsyncClient(credential=...)``, whose public ``async_client``
+    is an ``httpx.AsyncClient`` with ``auth=GoogleAuthCredentialFlow(credential)``. This
+    replaces that client's ``auth`` (``httpx.AsyncClient.auth`` is a public setter) with
+    the off-loop flow for the same credential. Builds the messaging service if the app
+    has none yet (70-150 ms of CPU: call it in a worker thread).
+
+    Raises ``RuntimeError`` if a firebase-admin upgrade changed that structure, rather
+    than let sends refresh tokens on the event loop unnoticed.
+    """
+    service = messaging._get_messaging_service(app)
+    client = getattr(getattr(service, "_async_client", None), "async_client", None)
+    if not isinstance(client, httpx.AsyncClient) or not isinstance(client.auth, GoogleAuthCredentialFlow):
+        raise RuntimeError(
+            "firebase_admin.messaging._MessagingService has no httpx client with a GoogleAuthCredentialFlow: "
+            "the off-loop token refresh needs updating for this firebase-admin version"
+        )
+    if not isinstance(client.auth, OffLoopCredentialFlow):
+        client.auth = OffLoopCredentialFlow(app.credential.get_credential())
 
 
 # -- internals -----------------------------------------------------------------
@@ -219,10 +326,6 @@ def _delete_app_sync(app: firebase_admin.App) -> None:
         if _registered(app.name) is app:
             raise
         # Already deleted, or replaced by a newer app of the same name.
-
-
-async def _refresh(app: firebase_admin.App) -> None:
-    await asyncio.to_thread(app.credential.get_access_token)
 
 
 def _refresh_finished(key: int, task: asyncio.Task[None]) -> None:

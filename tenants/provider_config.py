@@ -11,7 +11,10 @@ Field rules come from the providers' documentation:
 - Brevo: https://developers.brevo.com/reference/sendtransacemail (api-key, sender).
 - 2Factor: https://2factor.in/API/DOCS/SMS_OTP.html (API key, 6-character sender id).
 - Twilio: https://www.twilio.com/docs/messaging/api/message-resource (Account SID
-  ``AC`` + 32 hex, auth token, ``From`` in E.164 or ``MessagingServiceSid`` ``MG`` + 32 hex).
+  ``AC`` + 32 hex, auth token, ``From`` in E.164 or ``MessagingServiceSid`` ``MG`` + 32 hex);
+  ``StatusCallback`` per https://www.twilio.com/docs/api/errors/21609 (a fully
+  qualified http(s) URL, host name without underscores, reachable from the
+  internet): see :func:`check_twilio_status_callback` for what we accept.
 - FCM: a Google service-account key file (``type``, ``project_id``,
   ``private_key``, ``client_email``, ``token_uri``);
   https://firebase.google.com/docs/admin/setup#initialize_the_sdk_in_non-google_environments
@@ -19,6 +22,7 @@ Field rules come from the providers' documentation:
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import re
 from dataclasses import dataclass, field
@@ -27,6 +31,7 @@ from urllib.parse import urlsplit
 
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
 
+from channels.callbacks import CallbackUrlError, validate_callback_url
 from gateway.validation import FieldViolation, RequestInvalid, normalize_e164
 from switchboard.tenants.v1 import tenants_pb2
 
@@ -156,6 +161,42 @@ def _split_two_factor(
     return {"sender_id": c.sender_id, "base_url": c.base_url}, {"api_key": c.api_key}
 
 
+def _is_loopback(host: str) -> bool:
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def check_twilio_status_callback(url: str) -> str | None:
+    """Why ``url`` is not an acceptable Twilio ``StatusCallback``, or ``None`` if it is.
+
+    Accepted: what :func:`channels.callbacks.validate_callback_url` accepts (an
+    absolute URL with a host, at most 2048 characters, no whitespace, no user
+    info, no fragment), with a host name free of underscores (Twilio refuses
+    those, error 21609), over ``https``. Twilio also calls ``http`` URLs, but
+    its callbacks carry phone numbers and message status, and the
+    ``X-Twilio-Signature`` does not stop a replay over cleartext; so ``http``
+    is accepted only for a loopback host (127.0.0.0/8, ::1, ``localhost``),
+    which only a local fake of Twilio can call. User info is refused because
+    the URL is a setting shown on reads; a receiver authenticates Twilio by
+    its ``X-Twilio-Signature`` (https://www.twilio.com/docs/usage/webhooks/webhooks-security).
+    """
+    try:
+        url = validate_callback_url(url)
+    except CallbackUrlError as exc:
+        return str(exc)
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if "_" in host:
+        return "Twilio refuses host names with underscores (error 21609)"
+    if parts.scheme.lower() != "https" and not _is_loopback(host):
+        return "must be an https:// URL (http:// only for a loopback host such as a local fake)"
+    return None
+
+
 def _split_twilio(
     c: tenants_pb2.TwilioConfig, p: str, v: list[FieldViolation]
 ) -> tuple[dict[str, Any], dict[str, str]]:
@@ -175,11 +216,16 @@ def _split_twilio(
             _bad(f"{p}.messaging_service_sid", "a Messaging Service SID: 'MG' followed by 32 hex digits")
         )
     _check_url(f"{p}.base_url", c.base_url, v)
+    if c.status_callback_url:
+        problem = check_twilio_status_callback(c.status_callback_url)
+        if problem is not None:
+            v.append(_bad(f"{p}.status_callback_url", problem))
     settings = {
         "account_sid": c.account_sid,
         "from_number": c.from_number,
         "messaging_service_sid": c.messaging_service_sid,
         "base_url": c.base_url,
+        "status_callback_url": c.status_callback_url.strip(),
     }
     return settings, {"auth_token": c.auth_token}
 

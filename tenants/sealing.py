@@ -49,6 +49,8 @@ NONCE_BYTES = 12
 TAG_BYTES = 16
 #: HKDF ``info`` of the subkey that keys secret fingerprints.
 FINGERPRINT_INFO = b"switchboard secret fingerprint"
+#: HKDF ``info`` of the subkeys that key request digests (:meth:`MasterKeyRing.keyed_digest`).
+DIGEST_INFO = b"switchboard request digest"
 #: Hex digits in a fingerprint (64 bits).
 FINGERPRINT_HEX_DIGITS = 16
 
@@ -166,10 +168,11 @@ class MasterKeyRing:
     section 8.3), far beyond a table of provider configurations.
     """
 
-    __slots__ = ("_aeads", "_fingerprint_key", "_key_ids")
+    __slots__ = ("_aeads", "_digest_keys", "_fingerprint_key", "_key_ids")
 
     def __init__(self, keys: Iterable[tuple[str, bytes]]) -> None:
         aeads: dict[str, AESGCM] = {}
+        digest_keys: dict[str, bytes] = {}
         current: bytes | None = None
         for position, (key_id, key) in enumerate(keys, start=1):
             where = f"{MASTER_KEY_ENV} entry {position}"
@@ -181,11 +184,15 @@ class MasterKeyRing:
                     f"{where} ({key_id!r}): the key is {len(key)} bytes; AES-256 needs exactly {KEY_BYTES}"
                 )
             aeads[key_id] = AESGCM(key)
+            digest_keys[key_id] = HKDF(
+                algorithm=hashes.SHA256(), length=32, salt=None, info=DIGEST_INFO
+            ).derive(key)
             if current is None:
                 current = key
         if current is None:
             raise MasterKeyError(f"the master key ring is empty. {_FORMAT_HINT}")
         self._aeads = aeads
+        self._digest_keys = digest_keys
         self._key_ids = tuple(aeads)
         # Only the derived subkey is kept for fingerprints (RFC 5869 HKDF-SHA256, no salt).
         self._fingerprint_key = HKDF(
@@ -292,6 +299,27 @@ class MasterKeyRing:
         """
         digest = hmac.new(self._fingerprint_key, data, hashlib.sha256).hexdigest()
         return digest[:FINGERPRINT_HEX_DIGITS]
+
+    def keyed_digest(self, data: bytes, key_id: str | None = None) -> bytes:
+        """HMAC-SHA256 (RFC 2104) of ``data`` under master key ``key_id``: 32 bytes.
+
+        The HMAC key is a subkey derived from that master key (default: the
+        current one) with HKDF-SHA256 (RFC 5869, no salt, info
+        ``b"switchboard request digest"``), separate from the fingerprint
+        subkey. Unlike :meth:`fingerprint` it is full length and can be
+        recomputed under any key still in the ring, so a stored digest stays
+        comparable during a rotation. Without the master key it can be neither
+        computed nor used to test guesses of the data (a plain hash of a
+        request holding a password could be). Raises ``SecretUnreadable`` if
+        ``key_id`` is not in the ring.
+        """
+        key_id = self.current_key_id if key_id is None else key_id
+        subkey = self._digest_keys.get(key_id)
+        if subkey is None:
+            raise SecretUnreadable(
+                f"master key {key_id!r} is not in {MASTER_KEY_ENV} (it holds {', '.join(self._key_ids)})"
+            )
+        return hmac.new(subkey, data, hashlib.sha256).digest()
 
 
 def generate_master_key(key_id: str | None = None) -> str:

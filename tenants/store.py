@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import json
+import re
 import uuid
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -19,6 +20,11 @@ import asyncpg
 
 from switchboard.db.pool import Connection
 from tenants.api_keys import NewApiKey, ParsedApiKey, generate_api_key, secret_matches
+
+#: A tenant name (``fullmatch``); the same rule as the ``tenants.name`` CHECK constraint.
+TENANT_NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,62}")
+#: The rule in words, for error messages.
+TENANT_NAME_RULE = "tenant names are 1-63 of a-z 0-9 '-', starting with a letter or digit"
 
 #: The NOTIFY channel carrying the id of a tenant whose keys, state or providers changed.
 TENANT_CHANGES_CHANNEL = "switchboard_tenant_changes"
@@ -143,7 +149,7 @@ async def create_tenant(
     except asyncpg.UniqueViolationError:
         raise TenantExists(f"a tenant named {name!r} already exists") from None
     except asyncpg.CheckViolationError:
-        raise ValueError("tenant names are 1-63 of a-z 0-9 '-', starting with a letter or digit") from None
+        raise ValueError(TENANT_NAME_RULE) from None
     assert row is not None
     return _tenant(row)
 

@@ -208,7 +208,8 @@ class TenantCache(abc.ABC, Generic[K, E, R]):
         """Release everything and wait for it: later lookups raise :class:`CacheClosed`.
 
         Loads in flight are awaited; what they build is released and their callers
-        get :class:`CacheClosed`.
+        get :class:`CacheClosed`. Logs the counters (:class:`CacheStats`) at INFO as
+        ``"<kind> cache closed"``: a worker's figures for its whole run.
         """
         self._closed = True
         tasks = [load.task for load in self._loads.values() if load.task is not None]
@@ -216,6 +217,7 @@ class TenantCache(abc.ABC, Generic[K, E, R]):
             await asyncio.wait(tasks)
         self.invalidate_all()
         await self.drain_releases()
+        log.info(f"{self._kind} cache closed", **dataclasses.asdict(self._stats))
 
     # -- what a subclass provides ---------------------------------------------------------------
 

@@ -227,7 +227,9 @@ async def create_tenants(grpc_addr: str, spec: FakesSpec) -> list[TenantAccess]:
         admin: AdminStub = tenants_pb2_grpc.TenantAdminServiceStub(channel)
         for fakes in spec.tenants:
             reply = await admin.CreateTenant(
-                tenants_pb2.CreateTenantRequest(name=fakes.name, display_name=f"Chaos {fakes.name}"),
+                tenants_pb2.CreateTenantRequest(
+                    request_id=str(uuid.uuid4()), name=fakes.name, display_name=f"Chaos {fakes.name}"
+                ),
                 metadata=operator,
                 wait_for_ready=True,
                 timeout=30,
@@ -269,13 +271,18 @@ async def create_tenants(grpc_addr: str, spec: FakesSpec) -> list[TenantAccess]:
             for channel_value, config in configs:
                 await admin.SetProviderConfig(
                     tenants_pb2.SetProviderConfigRequest(
-                        tenant_id=tenant_id, channel=channel_value, config=config
+                        request_id=str(uuid.uuid4()),
+                        tenant_id=tenant_id,
+                        channel=channel_value,
+                        config=config,
                     ),
                     metadata=operator,
                     timeout=30,
                 )
             key = await admin.CreateApiKey(
-                tenants_pb2.CreateApiKeyRequest(tenant_id=tenant_id), metadata=operator, timeout=30
+                tenants_pb2.CreateApiKeyRequest(request_id=str(uuid.uuid4()), tenant_id=tenant_id),
+                metadata=operator,
+                timeout=30,
             )
             created.append(TenantAccess(fakes.name, tenant_id, key.secret))
     return created
@@ -542,7 +549,12 @@ class Report:
     duplicate_examples: list[dict[str, Any]] = field(default_factory=list)
     unaccepted_delivered: int = 0
     unaccepted_delivered_examples: list[str] = field(default_factory=list)
+    #: Committed notifications the client never saw ACCEPTED for, by :func:`unaccepted_commits` kind.
     committed_but_not_accepted: int = 0
+    committed_after_giving_up: int = 0
+    committed_after_refusal: int = 0
+    committed_never_sent: int = 0
+    committed_not_accepted_examples: list[str] = field(default_factory=list)
     idempotency_violations: int = 0
     wrong_tenant: int = 0
     wrong_delivery_id: int = 0
@@ -572,13 +584,48 @@ class Report:
                 f"LOST {self.lost}; DUPLICATES {self.duplicates} in {self.duplicate_deliveries} deliveries "
                 f"(bound {self.duplicate_bound}): {self.duplicate_causes}",
                 f"delivered but never ACCEPTED {self.unaccepted_delivered}; committed but never ACCEPTED "
-                f"{self.committed_but_not_accepted}; request_id processed twice "
+                f"{self.committed_but_not_accepted} (after the client gave up "
+                f"{self.committed_after_giving_up}, after a refusal {self.committed_after_refusal}, "
+                f"never sent {self.committed_never_sent}); request_id processed twice "
                 f"{self.idempotency_violations}; to the wrong tenant's provider {self.wrong_tenant}; "
                 f"wrong delivery id {self.wrong_delivery_id}",
                 f"kills {self.kills} ({sum(self.kills.values())} in all); exits on their own "
                 f"{self.exits_on_their_own}; leftover processes {len(self.leftover_processes)}",
             ]
         )
+
+
+#: Why a committed notification's request_id never got ACCEPTED (see :func:`unaccepted_commits`).
+GAVE_UP, REFUSED, NEVER_SENT = "gave up", "refused", "never sent"
+
+
+def unaccepted_commits(committed: list[str], record: ClientRecord) -> dict[str, str]:
+    """The committed request_ids the client never saw ACCEPTED for, each with its kind.
+
+    What a commit without an ACCEPTED means depends on the last answer the client got:
+
+    - :data:`GAVE_UP`: the client's last attempt ended UNAVAILABLE or DEADLINE_EXCEEDED
+      (the gateway died, or the answer came too late) and it stopped retrying. Such an
+      answer says nothing about the outcome: the request may have committed just before
+      the answer was lost. Legitimate; the client learns the outcome by retrying with
+      the same request_id (docs/idempotency.md), and the notification is delivered.
+    - :data:`REFUSED`: the client was told a definitive error (INVALID_ARGUMENT, ...).
+      A commit then breaks the guarantee: nothing the client did not get ACCEPTED for
+      is delivered, unless the client was left not knowing.
+    - :data:`NEVER_SENT`: a request_id this client never sent; always a fault.
+    """
+    kinds = {}
+    for request_id in committed:
+        if request_id in record.accepted:
+            continue
+        reason = record.not_accepted.get(request_id)
+        if reason is None:
+            kinds[request_id] = NEVER_SENT
+        elif reason.startswith("gave up"):
+            kinds[request_id] = GAVE_UP
+        else:
+            kinds[request_id] = REFUSED
+    return kinds
 
 
 def duplicate_bound(kills: dict[str, int], exits: dict[str, list[int]], tenants: int) -> int:
@@ -695,7 +742,16 @@ async def analyze(
     report.final = report.delivered + report.failed
     report.not_final = report.accepted_deliveries - report.final
     report.idempotency_violations = sum(1 for r in committed if r["n"] > 1)
-    report.committed_but_not_accepted = sum(1 for r in committed if r["request_id"] not in record.accepted)
+    commits = unaccepted_commits([r["request_id"] for r in committed], record)
+    kinds = Counter(commits.values())
+    report.committed_but_not_accepted = len(commits)
+    report.committed_after_giving_up = kinds[GAVE_UP]
+    report.committed_after_refusal = kinds[REFUSED]
+    report.committed_never_sent = kinds[NEVER_SENT]
+    report.committed_not_accepted_examples = [
+        f"{request_id}: {kind} ({record.not_accepted.get(request_id, '-')})"
+        for request_id, kind in list(commits.items())[:20]
+    ]
 
     received: dict[tuple[str, str], list[dict[str, Any]]] = defaultdict(list)
     for entry in journal:

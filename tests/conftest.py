@@ -26,11 +26,13 @@ from pydantic import SecretStr
 
 from gateway.server import Gateway, start_gateway
 from switchboard.db.migrate import migrate
+from switchboard.db.pool import create_pool
 from switchboard.embedded import EmbeddedKafka, EmbeddedPostgres, free_port
 from switchboard.notify.v1 import notify_pb2_grpc
 from switchboard.settings import Settings
 from tenants.sealing import MasterKeyRing, generate_master_key
 from tenants.store import create_api_key, create_tenant
+from tests.figures import pytest_terminal_summary, report_figures  # noqa: F401 (hook, fixture)
 
 TEMPLATE_DB = "switchboard_template"
 ADMIN_TOKEN = "test-operator-token-0123456789"
@@ -148,8 +150,7 @@ def key_ring(master_key: str) -> MasterKeyRing:
 @pytest.fixture
 async def pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     """A connection pool on this test's database."""
-    created = await asyncpg.create_pool(settings.require_database_url(), min_size=1, max_size=10)
-    assert created is not None
+    created = await create_pool(settings.model_copy(update={"db_pool_min_size": 1, "db_pool_max_size": 10}))
     yield created
     await created.close()
 

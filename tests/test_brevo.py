@@ -146,8 +146,19 @@ FAILURE_TABLE = {
         PermanentDeliveryError,
         "Brevo HTTP 404",
     ),
+    "422 other 4xx": Row(
+        Fault.http_status(422, _brevo_error("unprocessable", "cannot process")),
+        PermanentDeliveryError,
+        "Brevo HTTP 422",
+    ),
+    "408 request timeout": Row(
+        Fault.http_status(408), RetryableDeliveryError, "Brevo HTTP 408 request timeout"
+    ),
     "429 with Retry-After": Row(
         FakeBrevo.rate_limited(reset_s=3, retry_after_s=7), RetryableDeliveryError, "Brevo HTTP 429", 7.0
+    ),
+    "429 with a later x-sib-ratelimit-reset than Retry-After": Row(
+        FakeBrevo.rate_limited(reset_s=20, retry_after_s=5), RetryableDeliveryError, "Brevo HTTP 429", 20.0
     ),
     "429 with x-sib-ratelimit-reset": Row(
         FakeBrevo.rate_limited(reset_s=12), RetryableDeliveryError, "too_many_requests", 12.0

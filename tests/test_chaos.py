@@ -17,7 +17,12 @@ compared with what the client was told:
 - every valid request got ACCEPTED, every ACCEPTED notification is final, and
   every one of its deliveries reached its tenant's own provider at least once
   (lost = 0);
-- nothing that never got ACCEPTED (the invalid requests) was delivered;
+- nothing that never got ACCEPTED (the invalid requests) was delivered, and
+  nothing was committed for a request the client got a definitive refusal for
+  or never sent. A commit the client never saw ACCEPTED for is legitimate only
+  when the client was left not knowing (its last answer UNAVAILABLE or
+  DEADLINE_EXCEEDED, then it gave up; chaos_client.unaccepted_commits); this
+  client retries until ACCEPTED, so in a passing run that count is 0 too;
 - no request_id was processed twice;
 - duplicate sends are counted with their likely cause and stay within the
   documented window: a worker (or PostgreSQL) dying between the provider's
@@ -26,8 +31,9 @@ compared with what the client was told:
 
 ``CHAOS_SEED`` replays a run's kill schedule and traffic (``CHAOS_NOTIFICATIONS``
 and ``CHAOS_SWEEP_AFTER_S`` change the volume and the sweeper deadline for
-experiments). The figures are printed (``pytest -s``) and written to
-``chaos-report.json`` in the test's tmp dir, next to the processes' logs.
+experiments). The figures appear in pytest's terminal summary of every run
+(tests/figures.py; the progress log with ``-s``) and in ``chaos-report.json``
+in the test's tmp dir, next to the processes' logs.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import json
 import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -85,7 +92,9 @@ def log_event(event: dict[str, Any]) -> None:
 
 
 @pytest.mark.timeout(600)
-async def test_nothing_accepted_is_lost_when_every_component_is_killed(tmp_path: Path) -> None:
+async def test_nothing_accepted_is_lost_when_every_component_is_killed(
+    tmp_path: Path, report_figures: Callable[[str, str], None]
+) -> None:
     seed = int(os.environ.get("CHAOS_SEED") or random.SystemRandom().randrange(2**32))
     log(f"CHAOS_SEED={seed} (set it to replay this run)")
     rng = random.Random(seed)
@@ -142,6 +151,7 @@ async def test_nothing_accepted_is_lost_when_every_component_is_killed(tmp_path:
     report_path.write_text(json.dumps(asdict(report), indent=2), encoding="utf-8")
     log("figures:\n" + report.summary())
     log(f"full report: {report_path}")
+    report_figures("chaos", f"{report.summary()}\nfull report: {report_path}")
 
     valid_not_accepted = {
         r: why for r, why in record.not_accepted.items() if r not in record.expected_invalid
@@ -156,6 +166,10 @@ async def test_nothing_accepted_is_lost_when_every_component_is_killed(tmp_path:
     assert report.not_final == 0, f"{report.not_final} deliveries not final after {DRAIN_TIMEOUT_S} s"
     assert report.lost == 0, report.lost_examples
     assert report.unaccepted_delivered == 0, report.unaccepted_delivered_examples
+    assert report.committed_after_refusal == 0, report.committed_not_accepted_examples
+    assert report.committed_never_sent == 0, report.committed_not_accepted_examples
+    # The client never gave up (asserted above), so it saw ACCEPTED for everything committed.
+    assert report.committed_but_not_accepted == 0, report.committed_not_accepted_examples
     assert report.idempotency_violations == 0
     assert report.wrong_tenant == 0
     assert report.wrong_delivery_id == 0

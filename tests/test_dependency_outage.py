@@ -1,12 +1,12 @@
-"""PostgreSQL down: the gateway answers UNAVAILABLE within the deadline, reports
-NOT_SERVING, and recovers by itself when the database returns."""
+"""PostgreSQL down or stalled: the gateway answers UNAVAILABLE within the deadline,
+reports NOT_SERVING, and recovers by itself when the database returns."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 import uuid
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from pathlib import Path
 
 import asyncpg
@@ -19,12 +19,14 @@ from pydantic import SecretStr
 from gateway.server import start_gateway
 from switchboard.db.migrate import migrate
 from switchboard.embedded import EmbeddedPostgres, free_port
-from switchboard.notify.v1 import notify_pb2_grpc
+from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
+from switchboard.payments.v1 import payments_pb2_grpc
 from switchboard.settings import Settings
 from tenants.sealing import MasterKeyRing
 from tests.conftest import make_tenant
-from tests.helpers import send_request
+from tests.helpers import send_request, suspended
 from tests.test_gateway import rich_status
+from tests.test_payment_service import create_request
 
 pytestmark = pytest.mark.slow
 
@@ -95,3 +97,63 @@ async def test_database_outage_is_unavailable_within_the_deadline_and_recovers(
         await wait_health(channel, health_pb2.HealthCheckResponse.SERVING, within_s=15)
         accepted = await stub.SendNotification(send_request(), metadata=tenant.metadata, timeout=5)
         assert accepted.notification_id
+
+
+#: The client's deadline in the stall test, and how much later than it an answer may come.
+DEADLINE_S, LATE_MARGIN_S = 1.0, 0.25
+
+
+async def test_every_rpc_answers_within_the_deadline_while_postgres_is_stalled_and_recovers(
+    outage_stack: tuple[EmbeddedPostgres, int, asyncpg.Pool],
+) -> None:
+    """A PostgreSQL that stops answering (SIGSTOP: connections open, no replies) must not
+    hold an RPC past the client's deadline: every RPC answers UNAVAILABLE with RetryInfo
+    before it (gateway/rpc.py's budget), not DEADLINE_EXCEEDED from the client's own
+    timer, health turns NOT_SERVING, and after SIGCONT the gateway serves again by itself."""
+    postgres, port, pool = outage_stack
+    tenant = await make_tenant(pool, f"stall-{uuid.uuid4().hex[:8]}")
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        notify = notify_pb2_grpc.NotificationServiceStub(channel)
+        payments = payments_pb2_grpc.PaymentServiceStub(channel)
+        metadata = tenant.metadata
+        sent = await notify.SendNotification(send_request(), metadata=metadata, timeout=5)
+
+        def calls(timeout_s: float) -> dict[str, Callable[[], Awaitable[object]]]:
+            return {
+                "SendNotification": lambda: notify.SendNotification(
+                    send_request(), metadata=metadata, timeout=timeout_s
+                ),
+                "GetNotification": lambda: notify.GetNotification(
+                    notify_pb2.GetNotificationRequest(notification_id=sent.notification_id),
+                    metadata=metadata,
+                    timeout=timeout_s,
+                ),
+                "ListNotifications": lambda: notify.ListNotifications(
+                    notify_pb2.ListNotificationsRequest(page_size=10), metadata=metadata, timeout=timeout_s
+                ),
+                "CreatePayment": lambda: payments.CreatePayment(
+                    create_request(), metadata=metadata, timeout=timeout_s
+                ),
+            }
+
+        for call in calls(5).values():
+            await call()  # every path warm: auth cached, statements prepared
+        answers: dict[str, tuple[str, float]] = {}
+        with suspended(postgres.pid):  # PostgreSQL stalls: every process SIGSTOPped
+            for _ in range(2):  # the second round finds the pool's connections still held by the first
+                for name, call in calls(DEADLINE_S).items():
+                    started = time.monotonic()
+                    with pytest.raises(grpc.aio.AioRpcError) as caught:
+                        await call()
+                    elapsed = time.monotonic() - started
+                    answers[name] = (caught.value.code().name, round(elapsed, 3))
+                    assert caught.value.code() == grpc.StatusCode.UNAVAILABLE, (name, caught.value)
+                    assert elapsed < DEADLINE_S + LATE_MARGIN_S, (name, elapsed)
+                    retry = error_details_pb2.RetryInfo()
+                    assert any(d.Unpack(retry) for d in rich_status(caught.value).details), name
+            await wait_health(channel, health_pb2.HealthCheckResponse.NOT_SERVING, within_s=5)
+        print(f"answers while stalled (code, s): {answers}")
+
+        await wait_health(channel, health_pb2.HealthCheckResponse.SERVING, within_s=15)
+        for name, call in calls(5).items():
+            assert await call(), name

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import re
@@ -12,11 +13,13 @@ import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
+import asyncpg
 import psutil
 import pytest
 
 from switchboard.embedded import free_port, wait_for_port
 from switchboard.protogen import REPO_ROOT
+from switchboard.settings import Settings
 from tests.test_protos import buf  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.slow
@@ -171,4 +174,117 @@ def test_dev_stops_everything_on_sigterm(
     process.send_signal(signal.SIGTERM)
     output, _ = process.communicate(timeout=60)
     assert process.returncode == 0, output
+    assert leftover_processes(data_dir, env) == []
+
+
+def _start_dev(env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    """Start ``switchboard dev``; return the process and its banner once it is ready."""
+    process = subprocess.Popen(
+        switchboard("dev"), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd
+    )
+    assert process.stdout is not None
+    banner = []
+    for line in process.stdout:  # bounded: the process exits or prints the banner
+        banner.append(line)
+        if "Ctrl-C stops everything" in line:
+            break
+    assert process.poll() is None, "".join(banner)
+    return process, "".join(banner)
+
+
+def test_dev_prints_every_address_stops_on_ctrl_c_and_keeps_its_data(tmp_path: Path) -> None:
+    data_dir = tmp_path / "dev"
+    env = stack_env(data_dir) | {"COLUMNS": "250"}
+    process, banner = _start_dev(env, tmp_path)
+    try:
+        for address in (
+            env["SWITCHBOARD_GRPC_ADDR"],
+            f"127.0.0.1:{env['SWITCHBOARD_DEV_POSTGRES_PORT']}",
+            f"127.0.0.1:{env['SWITCHBOARD_DEV_KAFKA_PORT']}",
+            f"127.0.0.1:{env['SWITCHBOARD_SMTP_PORT']}",
+            str((data_dir / "maildir").resolve()),
+            str((data_dir / "logs").resolve()),
+        ):
+            assert address in banner, f"{address} missing from the banner:\n{banner}"
+        admin_env = env | {"SWITCHBOARD_ADMIN_TOKEN": (data_dir / "admin-token").read_text().strip()}
+        created = subprocess.run(
+            switchboard("tenants", "create", "kept-tenant"),
+            env=admin_env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert created.returncode == 0, created.stdout + created.stderr
+        process.send_signal(signal.SIGINT)  # Ctrl-C
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        assert leftover_processes(data_dir, env) == []
+
+        process, _ = _start_dev(env, tmp_path)  # the same data folder: PostgreSQL keeps its data
+        listed = subprocess.run(
+            switchboard("tenants", "list"), env=admin_env, capture_output=True, text=True, timeout=60
+        )
+        assert listed.returncode == 0, listed.stdout + listed.stderr
+        assert "kept-tenant" in listed.stdout
+        process.send_signal(signal.SIGTERM)
+        output, _ = process.communicate(timeout=60)
+        assert process.returncode == 0, output
+        assert leftover_processes(data_dir, env) == []
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
+def test_demo_uses_the_servers_named_in_the_environment(tmp_path: Path, settings: Settings) -> None:
+    """With SWITCHBOARD_DATABASE_URL / SWITCHBOARD_KAFKA_BOOTSTRAP set, the demo starts
+    neither PostgreSQL nor a broker of its own and runs on the given servers."""
+    data_dir = tmp_path / "external"
+    database_url = settings.require_database_url()
+    env = stack_env(data_dir) | {
+        "SWITCHBOARD_DATABASE_URL": database_url,
+        "SWITCHBOARD_KAFKA_BOOTSTRAP": settings.require_kafka_bootstrap(),
+        "SWITCHBOARD_KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix,
+        "SWITCHBOARD_KAFKA_IDEMPOTENCE": "false",  # the test broker is Tansu
+    }
+    result = subprocess.run(
+        switchboard("demo", "--timeout", "60"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "every delivery DELIVERED" in result.stdout
+    assert not (data_dir / "postgres").exists()  # no embedded PostgreSQL ...
+    assert not (data_dir / "logs" / "kafka.log").exists()  # ... and no embedded broker
+    assert leftover_processes(data_dir, env) == []
+
+    async def count_demo_notifications() -> int:
+        conn = await asyncpg.connect(database_url)
+        try:
+            return int(await conn.fetchval("SELECT count(*) FROM notifications"))
+        finally:
+            await conn.close()
+
+    assert asyncio.run(count_demo_notifications()) >= 1  # the demo wrote to the given database
+
+
+def test_demo_exits_non_zero_with_the_reason_when_deliveries_are_not_final_in_time(tmp_path: Path) -> None:
+    data_dir = tmp_path / "late"
+    env = stack_env(data_dir) | {"COLUMNS": "250"}
+    # 50 ms is far less than a consumer group takes to form: nothing can be final by then.
+    result = subprocess.run(
+        switchboard("demo", "--timeout", "0.05"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=240,
+        cwd=tmp_path,
+    )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "not every delivery was DELIVERED" in result.stdout
+    assert "not final before the timeout" in result.stdout
+    assert "every delivery DELIVERED in" not in result.stdout
     assert leftover_processes(data_dir, env) == []

@@ -36,6 +36,7 @@ from tenants.firebase_apps import (
     get_or_create_app,
     refresh_access_token,
 )
+from tests.helpers import max_loop_gap, record_firebase_app_names
 
 TOKEN_DELAY_S = 0.3
 
@@ -151,24 +152,17 @@ async def tenant_id() -> AsyncIterator[uuid.UUID]:
 async def test_100_concurrent_first_uses_initialize_one_app(
     tenant_id: uuid.UUID, service_account: dict[str, Any], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    calls: list[str] = []
-    original = firebase_admin.initialize_app
-
-    def counting_initialize_app(*args: Any, **kwargs: Any) -> Any:
-        calls.append(kwargs["name"])
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(firebase_admin, "initialize_app", counting_initialize_app)
+    calls = record_firebase_app_names(monkeypatch, "initialize_app")
 
     apps = await asyncio.gather(*(get_or_create_app(tenant_id, service_account) for _ in range(100)))
 
-    assert calls == [f"switchboard-tenant-{tenant_id}"]
+    assert calls == [f"switchboard-tenant-{tenant_id}-0"]
     assert all(app is apps[0] for app in apps)
-    assert apps[0].name == f"switchboard-tenant-{tenant_id}"
+    assert apps[0].name == f"switchboard-tenant-{tenant_id}-0"
     assert apps[0].project_id == "acme-push"
     assert firebase_admin.get_app(app_name(tenant_id)) is apps[0]
     assert await get_or_create_app(tenant_id, service_account) is apps[0]
-    assert calls == [f"switchboard-tenant-{tenant_id}"]
+    assert calls == [f"switchboard-tenant-{tenant_id}-0"]
 
 
 async def test_tenants_get_separate_apps(token_endpoint: FakeTokenEndpoint, tenant_id: uuid.UUID) -> None:
@@ -244,28 +238,6 @@ async def test_delete_app_from_a_running_loop(
     await delete_app(app)  # idempotent
 
 
-async def _max_loop_gap(work: Any) -> float:
-    """Run ``work()`` (a coroutine function) next to a 10 ms ticker; the longest gap between ticks (s)."""
-    gaps: list[float] = []
-    stop = asyncio.Event()
-
-    async def ticker() -> None:
-        last = time.perf_counter()
-        while not stop.is_set():
-            await asyncio.sleep(0.01)
-            now = time.perf_counter()
-            gaps.append(now - last)
-            last = now
-
-    task = asyncio.create_task(ticker())
-    await asyncio.sleep(0.05)
-    await work()
-    await asyncio.sleep(0.05)
-    stop.set()
-    await task
-    return max(gaps)
-
-
 async def test_token_refresh_off_the_loop_does_not_stall_it(
     token_endpoint: FakeTokenEndpoint, tenant_id: uuid.UUID, service_account: dict[str, Any]
 ) -> None:
@@ -279,9 +251,9 @@ async def test_token_refresh_off_the_loop_does_not_stall_it(
     async def on_the_loop() -> None:
         app.credential.get_access_token()  # what a send does when the token is stale
 
-    gap_to_thread = await _max_loop_gap(off_the_loop)
+    _, gap_to_thread = await max_loop_gap(off_the_loop)
     assert not access_token_needs_refresh(app)
-    gap_on_loop = await _max_loop_gap(on_the_loop)
+    _, gap_on_loop = await max_loop_gap(on_the_loop)
     print(
         f"\nevent-loop max gap during a token refresh ({TOKEN_DELAY_S * 1000:.0f} ms endpoint delay): "
         f"asyncio.to_thread {gap_to_thread * 1000:.1f} ms, on the loop {gap_on_loop * 1000:.1f} ms"

@@ -337,11 +337,17 @@ async def test_health_and_reflection_are_served(gateway: object) -> None:
             health_pb2.HealthCheckRequest(service="switchboard.notify.v1.NotificationService")
         )
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+        overall = await health.Check(health_pb2.HealthCheckRequest(service=""))
+        assert overall.status == health_pb2.HealthCheckResponse.SERVING
         reflect = reflection_pb2_grpc.ServerReflectionStub(channel)
         responses = reflect.ServerReflectionInfo(
             iter([reflection_pb2.ServerReflectionRequest(list_services="")])
         )
+        names: set[str] = set()
         async for response in responses:
-            names = {s.name for s in response.list_services_response.service}
-            assert "switchboard.notify.v1.NotificationService" in names
-            break
+            names |= {s.name for s in response.list_services_response.service}
+        assert {
+            "switchboard.notify.v1.NotificationService",
+            "grpc.health.v1.Health",
+            "grpc.reflection.v1alpha.ServerReflection",
+        } <= names

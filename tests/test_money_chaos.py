@@ -36,9 +36,9 @@ clearing balance equals what the fake captured, per currency; ``verify_chain``
 and ``switchboard ledger verify`` pass. Finally one posting is altered in the
 database (superuser, triggers bypassed): both name exactly that journal.
 
-The figures are printed (``pytest -s``). ``MONEY_CHAOS_SEED`` replays a run's
-fault plan, traffic and kill schedule (the interleaving of requests still
-varies from run to run).
+The figures appear in pytest's terminal summary (tests/figures.py).
+``MONEY_CHAOS_SEED`` replays a run's fault plan, traffic and kill schedule (the
+interleaving of requests still varies from run to run).
 
 Timing: the Stripe connector's request timeout is 30 s (payments/stripe.py,
 not a setting), so the lease of a call in flight
@@ -59,7 +59,7 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -538,10 +538,12 @@ async def cancel(task: asyncio.Task[None]) -> None:
         await task
 
 
-def print_figures(figures: dict[str, Any]) -> None:
-    """Print every figure, one per line."""
+def print_figures(figures: dict[str, Any]) -> str:
+    """Print every figure, one per line; return the lines."""
     width = max(len(name) for name in figures)
-    log("figures:\n" + "\n".join(f"  {name.ljust(width)}  {value}" for name, value in figures.items()))
+    text = "\n".join(f"  {name.ljust(width)}  {value}" for name, value in figures.items())
+    log("figures:\n" + text)
+    return text
 
 
 # --- the test ------------------------------------------------------------------------------------
@@ -573,6 +575,7 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
     key_ring: MasterKeyRing,
     tmp_path: Path,
     kafka: EmbeddedKafka,
+    report_figures: Callable[[str, str], None],
 ) -> None:
     pool = own_pool
     seed = int(os.environ.get("MONEY_CHAOS_SEED") or random.SystemRandom().randrange(2**32))
@@ -790,7 +793,7 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
             "worker logs": str(tmp_path),
         }
     )
-    print_figures(figures)
+    report_figures("money chaos", print_figures(figures))
 
     # --- the guarantees ---
     assert len(kills) == KILLS

@@ -23,7 +23,7 @@ from typing import Any
 
 import asyncpg
 import pytest
-from aiokafka import AIOKafkaConsumer, AIOKafkaProducer, TopicPartition
+from aiokafka import AIOKafkaProducer
 from structlog.testing import capture_logs
 
 from channels.catalog import payment_events_topic
@@ -49,7 +49,7 @@ from switchboard.notify.v1 import notify_pb2
 from switchboard.payments.v1 import events_pb2, payments_pb2
 from switchboard.settings import Settings
 from tests.conftest import SmtpSink, TenantCredentials
-from tests.helpers import running_pipeline, wait_for
+from tests.helpers import group_offsets, running_pipeline, wait_for
 
 RECEIPT = RuleSpec(
     name="receipt",
@@ -520,22 +520,12 @@ async def test_no_rule_sends_nothing_and_other_tenants_rules_never_fire(
 
 
 async def committed_offsets(settings: Settings) -> dict[int, int]:
-    """partition -> committed offset of the notifier's group on ``payments.events`` (manual
-    assignment: reading them does not join the group)."""
-    topic = payment_events_topic(settings.kafka_topic_prefix)
-    consumer = AIOKafkaConsumer(
-        bootstrap_servers=settings.kafka_bootstrap,
-        group_id=consumer_group(settings.kafka_topic_prefix),
-        enable_auto_commit=False,
+    """partition -> committed offset of the notifier's group on ``payments.events``."""
+    return await group_offsets(
+        settings,
+        payment_events_topic(settings.kafka_topic_prefix),
+        consumer_group(settings.kafka_topic_prefix),
     )
-    await consumer.start()
-    try:
-        partitions = [TopicPartition(topic, p) for p in range(settings.kafka_partitions)]
-        consumer.assign(partitions)
-        found = {tp.partition: await consumer.committed(tp) for tp in partitions}
-    finally:
-        await consumer.stop()
-    return {partition: offset for partition, offset in found.items() if offset is not None}
 
 
 async def test_an_event_without_customer_email_is_skipped_with_a_log_line(

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any
 
@@ -32,7 +32,7 @@ from switchboard.notify.v1 import notify_pb2_grpc
 from switchboard.payments.v1 import events_pb2, payments_pb2, payments_pb2_grpc
 from switchboard.settings import Settings
 from tests.conftest import TenantCredentials
-from tests.helpers import send_request, wait_for
+from tests.helpers import send_request, tenant_row_counts, wait_for
 
 if TYPE_CHECKING:
     PaymentStub = payments_pb2_grpc.PaymentServiceAsyncStub
@@ -726,36 +726,73 @@ async def test_lock_timeouts_answer_aborted_with_retry_info(
 # --- Reads ----------------------------------------------------------------------------------------
 
 
-async def test_another_tenants_payment_is_not_found_everywhere(
-    payments_stub: PaymentStub, tenant: TenantCredentials, other_tenant: TenantCredentials, pool: asyncpg.Pool
+Metadata = tuple[tuple[str, str], ...]
+
+
+async def _watch_first_message(stub: PaymentStub, pid: str, md: Metadata) -> Any:
+    """WatchPayment is a stream: its status surfaces when the first message is read."""
+    call = stub.WatchPayment(payments_pb2.WatchPaymentRequest(payment_id=pid), metadata=md, timeout=10)
+    return await call.read()
+
+
+#: Every PaymentService RPC that takes a payment id -> a call of it on payment ``pid`` with
+#: metadata ``md``. tests/test_isolation.py fails when such an RPC has no case here.
+PAYMENT_ISOLATION_CASES: dict[str, Callable[[PaymentStub, str, Metadata], Awaitable[Any]]] = {
+    "GetPayment": lambda stub, pid, md: stub.GetPayment(
+        payments_pb2.GetPaymentRequest(payment_id=pid), metadata=md
+    ),
+    "CapturePayment": lambda stub, pid, md: stub.CapturePayment(
+        payments_pb2.CapturePaymentRequest(request_id=str(uuid.uuid4()), payment_id=pid), metadata=md
+    ),
+    "CancelPayment": lambda stub, pid, md: stub.CancelPayment(
+        payments_pb2.CancelPaymentRequest(request_id=str(uuid.uuid4()), payment_id=pid), metadata=md
+    ),
+    "RefundPayment": lambda stub, pid, md: stub.RefundPayment(
+        payments_pb2.RefundPaymentRequest(request_id=str(uuid.uuid4()), payment_id=pid), metadata=md
+    ),
+    "WatchPayment": _watch_first_message,
+}
+
+
+@pytest.mark.parametrize("rpc", sorted(PAYMENT_ISOLATION_CASES))
+async def test_another_tenants_payment_is_not_found_and_unchanged(
+    rpc: str,
+    payments_stub: PaymentStub,
+    tenant: TenantCredentials,
+    other_tenant: TenantCredentials,
+    pool: asyncpg.Pool,
 ) -> None:
-    payment = await create(payments_stub, tenant)
-    await drive(pool, tenant.tenant_id, payment.payment_id, PaymentStatus.SUCCEEDED)
+    # Authorized, not captured: a Capture, Cancel or Refund that leaked through would change it.
+    payment = await create(payments_stub, tenant, capture_method=payments_pb2.CAPTURE_METHOD_MANUAL)
+    await drive(pool, tenant.tenant_id, payment.payment_id, PaymentStatus.REQUIRES_CAPTURE)
     pid = payment.payment_id
-    meta = other_tenant.metadata
-    calls = [
-        payments_stub.GetPayment(payments_pb2.GetPaymentRequest(payment_id=pid), metadata=meta),
-        payments_stub.CapturePayment(
-            payments_pb2.CapturePaymentRequest(request_id=str(uuid.uuid4()), payment_id=pid), metadata=meta
-        ),
-        payments_stub.CancelPayment(
-            payments_pb2.CancelPaymentRequest(request_id=str(uuid.uuid4()), payment_id=pid), metadata=meta
-        ),
-        payments_stub.RefundPayment(
-            payments_pb2.RefundPaymentRequest(request_id=str(uuid.uuid4()), payment_id=pid), metadata=meta
-        ),
-    ]
-    for call in calls:
-        code, status = await call_error(call)
-        assert code == grpc.StatusCode.NOT_FOUND
-        assert detail(status, error_details_pb2.ResourceInfo).resource_name == pid
-    watch = payments_stub.WatchPayment(payments_pb2.WatchPaymentRequest(payment_id=pid), metadata=meta)
-    with pytest.raises(grpc.aio.AioRpcError) as caught:
-        await anext(aiter(watch))
-    assert caught.value.code() == grpc.StatusCode.NOT_FOUND
-    listed = await payments_stub.ListPayments(payments_pb2.ListPaymentsRequest(), metadata=meta)
-    assert list(listed.payments) == []
-    assert (await counts(pool))["payment_refunds"] == 0
+    get = payments_pb2.GetPaymentRequest(payment_id=pid)
+    before = await payments_stub.GetPayment(get, metadata=tenant.metadata)
+    assert before.payment.status == payments_pb2.PAYMENT_STATUS_REQUIRES_CAPTURE
+    counts_before = await tenant_row_counts(pool, tenant.tenant_id)
+
+    code, status = await call_error(PAYMENT_ISOLATION_CASES[rpc](payments_stub, pid, other_tenant.metadata))
+
+    assert code == grpc.StatusCode.NOT_FOUND
+    assert detail(status, error_details_pb2.ResourceInfo).resource_name == pid
+    assert await payments_stub.GetPayment(get, metadata=tenant.metadata) == before
+    # Nothing of A's, nor anything untenanted (the outbox: no command), was added or removed. The
+    # other tenant's own request_id is kept with its NOT_FOUND answer, as documented (replayed).
+    assert await tenant_row_counts(pool, tenant.tenant_id) == counts_before
+
+
+async def test_another_tenant_lists_none_of_its_payments(
+    payments_stub: PaymentStub, tenant: TenantCredentials, other_tenant: TenantCredentials
+) -> None:
+    payment = await create(payments_stub, tenant, customer_reference="cust-42")
+    mine = await payments_stub.ListPayments(payments_pb2.ListPaymentsRequest(), metadata=tenant.metadata)
+    assert [p.payment_id for p in mine.payments] == [payment.payment_id]
+    for request in (
+        payments_pb2.ListPaymentsRequest(),
+        payments_pb2.ListPaymentsRequest(customer_reference="cust-42"),
+    ):
+        listed = await payments_stub.ListPayments(request, metadata=other_tenant.metadata)
+        assert list(listed.payments) == []
 
 
 async def test_get_with_a_malformed_id_names_the_field(

@@ -59,6 +59,7 @@ from tenants.sealing import (
     secrets_associated_data,
 )
 from tests.conftest import ADMIN_TOKEN, TenantCredentials, make_tenant
+from tests.helpers import new_request_id
 from tests.test_admin_cli import cli
 from tests.test_gateway import rich_status, violations
 
@@ -121,7 +122,10 @@ def adyen_config(
 
 async def set_config(admin: Admin, tenant_id: uuid.UUID, config: tenants_pb2.ProcessorConfig) -> Any:
     reply = await admin.SetProcessorConfig(
-        tenants_pb2.SetProcessorConfigRequest(tenant_id=str(tenant_id), config=config), metadata=OPERATOR
+        tenants_pb2.SetProcessorConfigRequest(
+            request_id=new_request_id(), tenant_id=str(tenant_id), config=config
+        ),
+        metadata=OPERATOR,
     )
     return reply.config
 
@@ -200,8 +204,11 @@ async def test_processor_configs_are_set_read_listed_and_deleted_without_secrets
     assert list(live.secret_fields) == ["secret_key"]
     assert list(live.webhook_secret_fingerprints) == []
 
-    delete = tenants_pb2.DeleteProcessorConfigRequest(tenant_id=str(tid), processor="stripe")
+    delete = tenants_pb2.DeleteProcessorConfigRequest(
+        request_id=new_request_id(), tenant_id=str(tid), processor="stripe"
+    )
     await admin.DeleteProcessorConfig(delete, metadata=OPERATOR)
+    delete.request_id = new_request_id()  # a new request: the same request_id would replay the answer
     assert await code_of(admin.DeleteProcessorConfig(delete, metadata=OPERATOR)) == grpc.StatusCode.NOT_FOUND
     get = tenants_pb2.GetProcessorConfigRequest(tenant_id=str(tid), processor="stripe")
     assert await code_of(admin.GetProcessorConfig(get, metadata=OPERATOR)) == grpc.StatusCode.NOT_FOUND
@@ -300,13 +307,18 @@ async def test_ids_names_tenants_and_the_operator_token_are_checked(
     tid = str(tenant.tenant_id)
     with pytest.raises(grpc.aio.AioRpcError) as caught:
         await admin.SetProcessorConfig(
-            tenants_pb2.SetProcessorConfigRequest(tenant_id="nope", config=stripe_config(priority=-3)),
+            tenants_pb2.SetProcessorConfigRequest(
+                request_id=new_request_id(), tenant_id="nope", config=stripe_config(priority=-3)
+            ),
             metadata=OPERATOR,
         )
     assert sorted(violations(rich_status(caught.value))) == ["config.priority", "tenant_id"]
     missing = "00000000-0000-4000-8000-000000000000"
     set_missing = admin.SetProcessorConfig(
-        tenants_pb2.SetProcessorConfigRequest(tenant_id=missing, config=stripe_config()), metadata=OPERATOR
+        tenants_pb2.SetProcessorConfigRequest(
+            request_id=new_request_id(), tenant_id=missing, config=stripe_config()
+        ),
+        metadata=OPERATOR,
     )
     assert await code_of(set_missing) == grpc.StatusCode.NOT_FOUND
     list_missing = admin.ListProcessorConfigs(
@@ -320,12 +332,17 @@ async def test_ids_names_tenants_and_the_operator_token_are_checked(
             )
         assert violations(rich_status(caught.value)) == {"processor": "one of stripe, adyen"}
         delete = admin.DeleteProcessorConfig(
-            tenants_pb2.DeleteProcessorConfigRequest(tenant_id=tid, processor=processor), metadata=OPERATOR
+            tenants_pb2.DeleteProcessorConfigRequest(
+                request_id=new_request_id(), tenant_id=tid, processor=processor
+            ),
+            metadata=OPERATOR,
         )
         assert await code_of(delete) == grpc.StatusCode.INVALID_ARGUMENT
 
     # Only the operator token opens these RPCs; a tenant's own API key does not.
-    request = tenants_pb2.SetProcessorConfigRequest(tenant_id=tid, config=stripe_config())
+    request = tenants_pb2.SetProcessorConfigRequest(
+        request_id=new_request_id(), tenant_id=tid, config=stripe_config()
+    )
     for metadata in (tenant.metadata, (), (("authorization", "Bearer wrong"),)):
         assert await code_of(admin.SetProcessorConfig(request, metadata=metadata)) == (
             grpc.StatusCode.UNAUTHENTICATED
@@ -697,7 +714,9 @@ async def test_a_configuration_change_invalidates_the_cache_through_listen_notif
 
         changed.clear()
         await admin.DeleteProcessorConfig(
-            tenants_pb2.DeleteProcessorConfigRequest(tenant_id=str(tenant.tenant_id), processor="stripe"),
+            tenants_pb2.DeleteProcessorConfigRequest(
+                request_id=new_request_id(), tenant_id=str(tenant.tenant_id), processor="stripe"
+            ),
             metadata=OPERATOR,
         )
         await asyncio.wait_for(changed.wait(), 5)

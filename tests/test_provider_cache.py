@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections import Counter
+from collections.abc import Coroutine
+from typing import Any, TypeVar
 
 import pytest
 from structlog.testing import capture_logs
@@ -14,6 +16,20 @@ from switchboard.notify.v1 import events_pb2
 from tenants.provider_cache import CacheClosed, CacheStats, ProviderCache
 
 MINUTE = 60.0
+T = TypeVar("T")
+
+
+async def start(coroutine: Coroutine[Any, Any, T]) -> asyncio.Task[T]:
+    """Run ``coroutine`` as a task; return once it has run up to its first suspension."""
+    begun = asyncio.Event()
+
+    async def run() -> T:
+        begun.set()  # wakes the caller only after this step, i.e. once ``coroutine`` waits
+        return await coroutine
+
+    task = asyncio.create_task(run())
+    await begun.wait()
+    return task
 
 
 class FakeProvider:
@@ -27,6 +43,7 @@ class FakeProvider:
         self.closes = 0
         self.close_gate: asyncio.Event | None = None
         self.close_error: Exception | None = None
+        self.closed = asyncio.Event()
 
     @property
     def name(self) -> str:
@@ -43,6 +60,7 @@ class FakeProvider:
         if self.close_gate is not None:
             await self.close_gate.wait()
         self.closes += 1
+        self.closed.set()
         if self.close_error is not None:
             raise self.close_error
 
@@ -118,9 +136,9 @@ async def test_loader_runs_once_for_100_concurrent_gets() -> None:
     cache = ProviderCache(loader)
     tenant = uuid.uuid4()
 
-    tasks = [asyncio.create_task(cache.get(tenant, "push")) for _ in range(100)]
+    tasks = [await start(cache.get(tenant, "push")) for _ in range(100)]
     await loader.started.wait()
-    await asyncio.sleep(0.01)  # every task is now waiting on the one load
+    assert cache.stats.misses == 100  # every task is waiting on the one load
     loader.gate.set()
     providers = await asyncio.gather(*tasks)
 
@@ -308,7 +326,7 @@ async def test_releases_do_not_block_the_caller_and_close_errors_are_swallowed()
         cache.invalidate(slow_tenant)  # returns at once although close() is still waiting
         cache.invalidate(failing_tenant)
         assert fake(await cache.get(slow_tenant, "email")) is not slow
-        await asyncio.sleep(0.01)
+        await failing.closed.wait()  # its release logs the failure in the same step
     assert slow.closes == 0
     assert failing.closes == 1
     assert [e["event"] for e in logs if e["log_level"] == "warning"] == ["closing a released provider failed"]
@@ -327,10 +345,10 @@ async def test_close_releases_everything_and_later_gets_fail() -> None:
     sms = fake(await cache.get(uuid.uuid4(), "sms"))
 
     loader.gate = asyncio.Event()
+    loader.started.clear()
     in_flight = asyncio.create_task(cache.get(tenant, "push"))
-    await asyncio.sleep(0.01)
-    closing = asyncio.create_task(cache.close())
-    await asyncio.sleep(0.01)
+    await loader.started.wait()  # the load is under way, held at the gate
+    closing = await start(cache.close())  # close() began: it waits for that load
     loader.gate.set()
     await closing
 
@@ -341,6 +359,28 @@ async def test_close_releases_everything_and_later_gets_fail() -> None:
     assert loader.built[-1].closes == 1  # built after close began: released, not cached
     with pytest.raises(CacheClosed):
         await cache.get(tenant, "email")
+
+
+async def test_close_logs_the_counters_at_info() -> None:
+    loader = FakeLoader()
+    cache = ProviderCache(loader, max_tenants=1)
+    first, second = uuid.uuid4(), uuid.uuid4()
+    await cache.get(first, "email")
+    await cache.get(first, "email")
+    await cache.get(second, "sms")  # evicts the first tenant
+
+    with capture_logs() as logs:
+        await cache.close()
+
+    [closed] = [e for e in logs if e["event"] == "provider cache closed"]
+    assert closed["log_level"] == "info"
+    assert {k: closed[k] for k in ("hits", "misses", "loads", "load_failures", "evictions")} == {
+        "hits": 1,
+        "misses": 2,
+        "loads": 2,
+        "load_failures": 0,
+        "evictions": 1,
+    }
 
 
 def test_rejects_bad_limits() -> None:

@@ -6,21 +6,29 @@ import asyncio
 import uuid
 from collections import Counter
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import asyncpg
+import grpc
 import pytest
 from aiokafka import AIOKafkaConsumer, TopicPartition
 from aiokafka.admin import AIOKafkaAdminClient
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from structlog.testing import capture_logs
 
 from channels.catalog import ALL_CHANNELS, delivery_topic
 from gateway.relay import OutboxRelay
+from gateway.server import Gateway
 from gateway.validation import validate_send_request
 from gateway.write_path import AcceptRequest, accept_notifications
 from switchboard.embedded import EmbeddedKafka, free_port
-from switchboard.notify.v1 import events_pb2
+from switchboard.notify.v1 import events_pb2, notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
 from tests.conftest import TenantCredentials
 from tests.helpers import running_pipeline, send_request, wait_for
+
+if TYPE_CHECKING:
+    Stub = notify_pb2_grpc.NotificationServiceAsyncStub
 
 
 async def accept_many(pool: asyncpg.Pool, tenant_id: uuid.UUID, count: int, settings: Settings) -> set[str]:
@@ -154,6 +162,53 @@ async def _all_delivered(pool: asyncpg.Pool, delivery_ids: set[str]) -> bool:
     return await delivered_count(pool, delivery_ids) == len(delivery_ids)
 
 
+async def test_with_the_broker_down_grpc_still_accepts_health_stays_serving_and_the_backlog_drains(
+    pool: asyncpg.Pool,
+    settings: Settings,
+    tenant: TenantCredentials,
+    own_broker: EmbeddedKafka,
+    gateway: Gateway,
+    stub: Stub,
+) -> None:
+    """Issue 5 item 3 through the front door: while the broker is stopped (and the relay
+    has failed to reach it), SendNotification still answers ACCEPTED, the gateway's health
+    stays SERVING (only PostgreSQL decides it), nothing is marked published; once the broker
+    is back every accepted delivery is delivered."""
+    settings.kafka_bootstrap = own_broker.bootstrap
+    settings.kafka_request_timeout_ms = 1000
+    settings.relay_sweep_after_s = 3.0
+    settings.relay_sweep_interval_s = 0.5
+    async with running_pipeline(pool, settings):
+        first = await stub.SendNotification(send_request(), metadata=tenant.metadata, timeout=5)
+        await wait_for(lambda: _all_delivered(pool, {d.delivery_id for d in first.deliveries}), timeout_s=60)
+
+        own_broker.stop()
+        with capture_logs() as logs:
+
+            async def relay_failed() -> bool:
+                return any(e["event"].startswith("relay: round failed") for e in logs)
+
+            during: set[str] = set()
+            for _ in range(10):
+                reply = await stub.SendNotification(send_request(), metadata=tenant.metadata, timeout=5)
+                assert reply.status == notify_pb2.NOTIFICATION_STATUS_ACCEPTED
+                during.update(d.delivery_id for d in reply.deliveries)
+            await wait_for(relay_failed, timeout_s=30)
+            # Accepted after the relay failed too.
+            reply = await stub.SendNotification(send_request(), metadata=tenant.metadata, timeout=5)
+            during.update(d.delivery_id for d in reply.deliveries)
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+            health = await health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=5
+            )
+        assert health.status == health_pb2.HealthCheckResponse.SERVING
+        assert await unpublished(pool) == len(during) == 33
+
+        own_broker.start()
+        await wait_for(lambda: _all_delivered(pool, during), timeout_s=90)
+    assert await unpublished(pool) == 0
+
+
 async def test_a_pipelined_relay_keeps_outbox_order_per_tenant(
     pool: asyncpg.Pool, settings: Settings, tenant: TenantCredentials
 ) -> None:
@@ -180,15 +235,20 @@ async def test_a_pipelined_relay_keeps_outbox_order_per_tenant(
     )
     await consumer.start()
     received: list[str] = []
+    keys: set[bytes | None] = set()
     try:
         topic = delivery_topic("email", settings.kafka_topic_prefix)
         await consumer.topics()  # fetches the cluster metadata
-        for partition in sorted(consumer.partitions_for_topic(topic) or ()):
+        partitions = consumer.partitions_for_topic(topic) or set()
+        for partition in sorted(partitions):
             tp = TopicPartition(topic, partition)
             consumer.assign([tp])
             await consumer.seek_to_beginning(tp)
             while records := (await consumer.getmany(tp, timeout_ms=1000)).get(tp, []):
                 received += [events_pb2.DeliveryRequested.FromString(r.value).delivery_id for r in records]
+                keys |= {r.key for r in records}
     finally:
         await consumer.stop()
+    assert len(partitions) == settings.kafka_partitions  # topics are created with the setting's count
+    assert keys == {str(tenant.tenant_id).encode()}  # the Kafka key is the tenant id
     assert received == outbox_order  # one tenant: one key, one partition, outbox order

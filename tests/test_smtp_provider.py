@@ -6,15 +6,26 @@ from __future__ import annotations
 import asyncio
 import uuid
 from collections.abc import AsyncIterator, Iterator
-from typing import Any
+from dataclasses import dataclass
+from email.message import EmailMessage
+from typing import TYPE_CHECKING, Any
 
+import aiosmtplib
+import asyncpg
 import pytest
 
+from channels.delivery import Outcome, RetryPolicy, deliver
 from channels.provider import DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from channels.smtp import SmtpProvider, classify_reply
 from switchboard.embedded import free_port
 from switchboard.fakes.smtp import FakeSmtpServer, SmtpFault, TlsMode
-from switchboard.notify.v1 import events_pb2, notify_pb2
+from switchboard.notify.v1 import events_pb2, notify_pb2, notify_pb2_grpc
+from switchboard.settings import Settings
+from tests.conftest import TenantCredentials
+from tests.helpers import send_request, tenant_providers, wait_for
+
+if TYPE_CHECKING:
+    Stub = notify_pb2_grpc.NotificationServiceAsyncStub
 
 # aiosmtpd warns when AUTH is allowed without TLS, which the plain-text fake does on purpose.
 pytestmark = pytest.mark.filterwarnings("ignore:Requiring AUTH while not requiring TLS")
@@ -140,6 +151,34 @@ async def test_rcpt_550_is_permanent(plain_server: FakeSmtpServer, provider: Smt
     assert plain_server.received == []
 
 
+async def test_a_partial_refusal_is_returned_not_raised_so_we_send_one_recipient_per_message(
+    plain_server: FakeSmtpServer, provider: SmtpProvider
+) -> None:
+    """The aiosmtplib trap (issue 4): with two recipients and one refused it raises
+    nothing and reports the refusal in its result. The provider therefore sends one
+    recipient per message, whose refusal is the whole send (SMTPRecipientsRefused)."""
+    plain_server.inject(SmtpFault.rcpt_refused(550, recipient="nobody@example.com"))
+    client = aiosmtplib.SMTP(hostname=plain_server.host, port=plain_server.port, timeout=5.0)
+    await client.connect()
+    try:
+        await client.login(USERNAME, PASSWORD)
+        message = EmailMessage()
+        message["From"], message["Subject"] = SENDER, "two recipients"
+        message.set_content("one of them does not exist")
+        refused, _ = await client.send_message(message, recipients=["nobody@example.com", "ada@example.com"])
+    finally:
+        await client.quit()
+    assert {rcpt: reply.code for rcpt, reply in refused.items()} == {"nobody@example.com": 550}
+    assert [mail.rcpt_tos for mail in plain_server.received] == [["ada@example.com"]]
+
+    plain_server.inject(SmtpFault.rcpt_refused(550, recipient="nobody@example.com"))
+    with pytest.raises(PermanentDeliveryError) as caught:
+        await provider.send(email_event("nobody@example.com"))
+    assert caught.value.reason.startswith("SMTP 550")
+    assert "RCPT TO" in caught.value.reason
+    assert len(plain_server.received) == 1
+
+
 async def test_rcpt_450_is_retryable(plain_server: FakeSmtpServer, provider: SmtpProvider) -> None:
     plain_server.inject(SmtpFault.rcpt_refused(450))
     with pytest.raises(RetryableDeliveryError) as caught:
@@ -154,13 +193,19 @@ async def test_data_554_is_permanent(plain_server: FakeSmtpServer, provider: Smt
     assert caught.value.reason.startswith("SMTP 554")
 
 
+@pytest.mark.parametrize(
+    ("fault", "stage"),
+    [(SmtpFault.data_reply(421), "DATA"), (SmtpFault.rcpt_refused(421), "RCPT TO")],
+    ids=["DATA", "RCPT"],
+)
 async def test_421_is_retryable_and_the_next_send_reconnects(
-    plain_server: FakeSmtpServer, provider: SmtpProvider
+    plain_server: FakeSmtpServer, provider: SmtpProvider, fault: SmtpFault, stage: str
 ) -> None:
-    plain_server.inject(SmtpFault.data_reply(421))
+    plain_server.inject(fault)
     with pytest.raises(RetryableDeliveryError) as caught:
         await provider.send(email_event())
     assert caught.value.reason.startswith("SMTP 421")
+    assert stage in caught.value.reason
     await provider.send(email_event())
     assert len(plain_server.received) == 1
     assert plain_server.connections == 2
@@ -314,3 +359,106 @@ def test_reply_classes_follow_rfc_5321(code: int, retryable: bool) -> None:
     error = classify_reply(code, "text", "DATA")
     assert error.retryable is retryable
     assert error.reason.startswith(f"SMTP {code}: text")
+
+
+# --- faults in the middle of a transaction ------------------------------------------------------
+
+TRANSACTION_TIMEOUT_S = 0.3
+
+
+@dataclass(frozen=True)
+class TransactionFault:
+    """A fault after the content was sent, the reason it must give, and whether the
+    server accepted the message anyway (what makes the failure ambiguous)."""
+
+    fault: SmtpFault
+    in_reason: str
+    accepted_anyway: bool
+
+
+TRANSACTION_FAULTS = {
+    "slow DATA reply past the timeout": TransactionFault(
+        SmtpFault.slow_data(TRANSACTION_TIMEOUT_S * 4), "did not answer in time during the transaction", True
+    ),
+    "connection reset in DATA": TransactionFault(
+        SmtpFault.reset_in_data(), "connection lost during the transaction", False
+    ),
+    "malformed reply line": TransactionFault(
+        SmtpFault.malformed_reply("OK, got it, thanks"), "malformed reply during the transaction", False
+    ),
+}
+
+
+async def _received_ids(server: FakeSmtpServer, count: int) -> list[str] | None:
+    ids = [str(mail.message["X-Switchboard-Delivery-Id"]) for mail in server.received]
+    return ids if len(ids) >= count else None
+
+
+@pytest.mark.parametrize("case", TRANSACTION_FAULTS.values(), ids=TRANSACTION_FAULTS.keys())
+async def test_transaction_faults_are_retryable_and_the_next_send_reconnects(
+    plain_server: FakeSmtpServer, case: TransactionFault
+) -> None:
+    provider = provider_for(plain_server, timeout_s=TRANSACTION_TIMEOUT_S)
+    first, second = email_event(), email_event()
+    plain_server.inject(case.fault)
+    try:
+        with pytest.raises(RetryableDeliveryError) as caught:
+            await provider.send(first)
+        await provider.send(second)  # the connection in an unknown state was not reused
+    finally:
+        await provider.close()
+    assert case.in_reason in caught.value.reason
+    assert "it may have accepted the message" in caught.value.reason
+    assert_no_password(caught.value, provider)
+    assert provider.connections_opened == 2
+    expected = [first.delivery_id, second.delivery_id] if case.accepted_anyway else [second.delivery_id]
+    got = await wait_for(lambda: _received_ids(plain_server, len(expected)), timeout_s=10)
+    assert sorted(got) == sorted(expected)
+
+
+@pytest.mark.parametrize("case", TRANSACTION_FAULTS.values(), ids=TRANSACTION_FAULTS.keys())
+async def test_transaction_faults_are_recorded_as_retryable_attempts(
+    stub: Stub, tenant: TenantCredentials, pool: asyncpg.Pool, settings: Settings, case: TransactionFault
+) -> None:
+    with FakeSmtpServer() as server:
+        settings.smtp_port = server.port  # the tenant has no provider of its own: the default SMTP
+        settings.worker_provider_timeout_s = TRANSACTION_TIMEOUT_S
+        accepted = await stub.SendNotification(
+            send_request(channels=[notify_pb2.CHANNEL_EMAIL]), metadata=tenant.metadata
+        )
+        delivery_id = uuid.UUID(accepted.deliveries[0].delivery_id)
+        event = events_pb2.DeliveryRequested.FromString(
+            await pool.fetchval("SELECT event FROM deliveries WHERE id = $1", delivery_id)
+        )
+        providers = tenant_providers(pool, settings)
+        server.inject(case.fault)
+        try:
+            outcome = await deliver(
+                pool,
+                event,
+                lambda: providers.provider_for(tenant.tenant_id, "email"),
+                policy=RetryPolicy(max_attempts=5, max_age_s=3600, base_s=0.01, cap_s=0.01),
+            )
+        finally:
+            await providers.close()
+        if case.accepted_anyway:
+            await wait_for(lambda: _received_ids(server, 1), timeout_s=10)
+    assert outcome == Outcome.RETRY_SCHEDULED
+    attempt = await pool.fetchrow(
+        """SELECT attempt_number, outcome, provider, error, finished_at
+             FROM delivery_attempts WHERE delivery_id = $1""",
+        delivery_id,
+    )
+    assert attempt is not None
+    assert (attempt["attempt_number"], attempt["outcome"], attempt["provider"]) == (1, "retryable", "smtp")
+    assert case.in_reason in attempt["error"]
+    assert attempt["finished_at"] is not None
+    delivery = await pool.fetchrow(
+        "SELECT status, last_error, next_attempt_at FROM deliveries WHERE id = $1", delivery_id
+    )
+    assert delivery is not None
+    assert (delivery["status"], delivery["last_error"]) == ("queued", attempt["error"])
+    retry_due = await pool.fetchval(
+        "SELECT available_at FROM outbox WHERE delivery_id = $1 ORDER BY id DESC LIMIT 1", delivery_id
+    )
+    assert retry_due == delivery["next_attempt_at"]

@@ -19,7 +19,7 @@ from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from switchboard.settings import Settings
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
 from tests.conftest import TenantCredentials
-from tests.helpers import running_pipeline, send_request, wait_for
+from tests.helpers import new_request_id, running_pipeline, send_request, wait_for
 from tests.test_admin_api import OPERATOR
 
 if TYPE_CHECKING:
@@ -59,7 +59,10 @@ async def test_every_state_change_is_posted_signed_and_delivery_never_waits(
     async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
         admin = tenants_pb2_grpc.TenantAdminServiceStub(channel)
         created = await admin.SetStatusCallback(
-            tenants_pb2.SetStatusCallbackRequest(tenant_id=str(tenant.tenant_id), url=url), metadata=OPERATOR
+            tenants_pb2.SetStatusCallbackRequest(
+                request_id=new_request_id(), tenant_id=str(tenant.tenant_id), url=url
+            ),
+            metadata=OPERATOR,
         )
         got = await admin.GetStatusCallback(
             tenants_pb2.GetStatusCallbackRequest(tenant_id=str(tenant.tenant_id)), metadata=OPERATOR

@@ -16,15 +16,25 @@ import traceback
 import uuid
 from collections.abc import AsyncIterator, Iterator
 
+import asyncpg
+import grpc
 import httpx
 import pytest
 
 from channels.provider import AMBIGUOUS_PREFIX, DeliveryError, PermanentDeliveryError, RetryableDeliveryError
 from channels.twilio import TwilioProvider, is_ambiguous
+from gateway.server import Gateway
+from gateway.validation import RequestInvalid
 from switchboard.embedded import free_port
 from switchboard.fakes.http import Fault
 from switchboard.fakes.twilio import FakeTwilio
 from switchboard.notify.v1 import events_pb2, notify_pb2
+from switchboard.settings import Settings
+from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
+from tenants.provider_config import split_provider_config
+from tests.conftest import TenantCredentials
+from tests.helpers import new_request_id, tenant_providers
+from tests.test_admin_api import OPERATOR
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "f3b1c2d4e5a697887766554433221100"
@@ -357,3 +367,86 @@ async def test_fake_checks_auth_method_and_content_type(fake: FakeTwilio) -> Non
     assert as_json.status_code == 400
     assert get.status_code == 405
     assert fake.received == []
+
+
+# --- a tenant's StatusCallback, configured through the admin API -------------------------------
+
+
+def twilio_config(status_callback_url: str = "", base_url: str = "") -> tenants_pb2.ProviderConfig:
+    return tenants_pb2.ProviderConfig(
+        twilio=tenants_pb2.TwilioConfig(
+            account_sid=ACCOUNT_SID,
+            auth_token=AUTH_TOKEN,
+            from_number=FROM_NUMBER,
+            base_url=base_url,
+            status_callback_url=status_callback_url,
+        )
+    )
+
+
+async def test_a_tenants_status_callback_reaches_twilio_only_when_configured(
+    fake: FakeTwilio, gateway: Gateway, pool: asyncpg.Pool, settings: Settings, tenant: TenantCredentials
+) -> None:
+    providers = tenant_providers(pool, settings)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{gateway.port}") as channel:
+        admin = tenants_pb2_grpc.TenantAdminServiceStub(channel)
+
+        async def configure_and_send(status_callback_url: str) -> dict[str, str]:
+            reply = await admin.SetProviderConfig(
+                tenants_pb2.SetProviderConfigRequest(
+                    request_id=new_request_id(),
+                    tenant_id=str(tenant.tenant_id),
+                    channel=notify_pb2.CHANNEL_SMS,
+                    config=twilio_config(status_callback_url, fake.base_url),
+                ),
+                metadata=OPERATOR,
+            )
+            assert reply.config.settings["status_callback_url"] == status_callback_url  # shown: not a secret
+            providers.invalidate(tenant.tenant_id)  # what the change notification does in a worker
+            provider = await providers.provider_for(tenant.tenant_id, "sms")
+            await provider.send(sms_event())
+            body: dict[str, str] = fake.received[-1].body
+            return body
+
+        try:
+            with_callback = await configure_and_send(CALLBACK_URL)
+            without_callback = await configure_and_send("")
+        finally:
+            await providers.close()
+    assert with_callback["StatusCallback"] == CALLBACK_URL
+    assert "StatusCallback" not in without_callback
+    assert without_callback == {"To": RECIPIENT, "Body": "Your code is 123456", "From": FROM_NUMBER}
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://hooks.example.com/twilio",  # cleartext to a public host
+        "https://my_hooks.example.com/twilio",  # Twilio refuses underscores (21609)
+        "https://user:pass@hooks.example.com/twilio",  # credentials would show on reads
+        "https://hooks.example.com/twilio#frag",
+        "ftp://hooks.example.com/twilio",
+        "https:///no-host",
+        "https://hooks.example.com/" + "a" * 2048,
+        "https://hooks.example.com/with space",
+    ],
+)
+def test_an_unacceptable_status_callback_url_is_refused_naming_the_field(url: str) -> None:
+    with pytest.raises(RequestInvalid) as caught:
+        split_provider_config("sms", twilio_config(url))
+    assert [v.field for v in caught.value.violations] == ["config.twilio.status_callback_url"]
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        CALLBACK_URL,
+        "http://127.0.0.1:8080/twilio/status",  # loopback: a local fake
+        "http://[::1]:8080/twilio/status",
+        "http://localhost/twilio/status",
+    ],
+)
+def test_https_and_loopback_http_status_callback_urls_are_accepted(url: str) -> None:
+    split = split_provider_config("sms", twilio_config(url))
+    assert split.settings["status_callback_url"] == url
+    assert "status_callback_url" not in split.secrets

@@ -132,6 +132,7 @@ async def test_repr_hides_the_key(provider: TwoFactorProvider) -> None:
     [
         pytest.param("Invalid API Key - No Account Exists", False, id="invalid-api-key"),
         pytest.param("Invalid Phone Number - Length Mismatch(Expected: 10)", False, id="invalid-number"),
+        pytest.param("Number is registered in DND, message not sent", False, id="dnd"),
         pytest.param("DLT Template not approved for this message", False, id="dlt-template"),
         pytest.param("Sender Id not approved", False, id="sender-not-approved"),
         pytest.param("Insufficient Balance", False, id="insufficient-balance"),

@@ -195,15 +195,30 @@ async def test_exhausted_attempts_end_failed(
     scripted_smtp: ScriptedSmtpHandler,
 ) -> None:
     settings.worker_max_attempts = 3
-    scripted_smtp.replies = ["451 4.3.0 later"] * 10
+    scripted_smtp.replies = [f"451 4.3.0 later, try {n}" for n in range(1, 11)]
     accepted = await stub.SendNotification(email_only(), metadata=tenant.metadata)
     delivery_id = uuid.UUID(accepted.deliveries[0].delivery_id)
     async with running_pipeline(pool, settings, channels=("email",)):
         await wait_for(lambda: _status_is(pool, delivery_id, "failed"), timeout_s=60)
+        await wait_for(lambda: _none_unpublished(pool), timeout_s=30)
     row = await pool.fetchrow("SELECT attempts, last_error FROM deliveries WHERE id = $1", delivery_id)
     assert row is not None
     assert row["attempts"] == 3
     assert row["last_error"].startswith("gave up after 3 attempts: SMTP 451")
+
+    # The dead letter carries the whole history: every attempt with its own error.
+    dead = events_pb2.DeliveryDeadLettered.FromString(
+        await read_one(settings, dead_letter_topic("email", settings.kafka_topic_prefix))
+    )
+    assert dead.delivery.delivery_id == str(delivery_id)
+    assert dead.reason == row["last_error"]
+    assert [(a.attempt_number, a.outcome, a.provider, a.error) for a in dead.attempts] == [
+        (n, "retryable", "smtp", f"SMTP 451: 4.3.0 later, try {n} (reply to DATA)") for n in (1, 2, 3)
+    ]
+    starts = [a.start_time.ToDatetime() for a in dead.attempts]
+    ends = [a.end_time.ToDatetime() for a in dead.attempts]
+    assert all(start <= end for start, end in zip(starts, ends, strict=True))
+    assert starts == sorted(starts)
 
 
 async def _none_unpublished(pool: asyncpg.Pool) -> bool:

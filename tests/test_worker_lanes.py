@@ -89,3 +89,26 @@ async def test_a_failing_record_is_reported_and_nothing_after_it_is_committed() 
     assert lanes.committable() == {TP: 1}
     with pytest.raises(RuntimeError, match="database gone"):
         lanes.raise_failure()
+
+
+async def test_a_full_lane_takes_nothing_more_and_names_the_offset_to_fetch_again() -> None:
+    gate = Gate()
+    lanes = _Lanes(gate.handle)
+    held = lanes.add([record(0, b"a"), record(1, b"a"), record(2, b"b"), record(3, b"a")], lane_limit=2)
+    # Lane a is full at offset 3: it and everything after it are left for the next fetch.
+    assert held == 3
+    assert lanes.in_flight == 3
+    assert lanes.longest_lane(TP) == 2
+    assert lanes.add([record(3, b"a"), record(4, b"b")], lane_limit=2) == 3  # still full: nothing taken
+    assert lanes.in_flight == 3
+    await settle()
+    gate.release(0)
+    await settle()
+    assert lanes.longest_lane(TP) == 1
+    assert lanes.add([record(3, b"a"), record(4, b"b")], lane_limit=2) is None  # fetched again: taken
+    for offset in range(1, 5):
+        gate.release(offset)
+    await lanes.finish()
+    assert lanes.committable() == {TP: 5}  # contiguous: nothing skipped by the rewind
+    assert sorted(gate.started) == [0, 1, 2, 3, 4]
+    assert lanes.longest_lane(TP) == 0

@@ -39,9 +39,11 @@ one of the ErrorCode values (https://firebase.google.com/docs/reference/fcm/rest
 HTTP statuses as documented there; the base faults (``inject``) apply to the next send
 requests (never to ``/token``), and a status fault without a body gets a google.rpc.Status body.
 
-firebase-admin refreshes the access token synchronously on the calling thread after a 401
-(``_http_client.GoogleAuthCredentialFlow``): a client on the same event loop as this fake
-would deadlock there. Tests therefore run the fake on its own loop with :func:`serving_in_thread`.
+firebase-admin's own auth flow (``_http_client.GoogleAuthCredentialFlow``) refreshes the access
+token synchronously on the calling thread after a 401: a client doing that on the same event loop
+as this fake would deadlock. Switchboard's FCM provider refreshes in a worker thread
+(``tenants.firebase_apps.OffLoopCredentialFlow``); tests still run the fake on its own loop with
+:func:`serving_in_thread`, so a regression shows up as a measured stall instead of a hang.
 """
 
 from __future__ import annotations

@@ -11,6 +11,10 @@ Tests and ``switchboard dev`` inject faults that apply to the next requests:
 - ``Fault.reset()``: close the connection without answering;
 - ``Fault.malformed()``: 200 with a body that is not the documented JSON;
 - ``Fault.lost_response()``: do the work (record it), then reset the connection.
+
+``hold_requests()`` parks every request (before faults and work) until the
+returned :class:`Gate` is opened; its events tell a test that a request
+reached the provider, so tests wait for that instead of sleeping.
 """
 
 from __future__ import annotations
@@ -69,6 +73,31 @@ class Fault:
         return cls("lost_response")
 
 
+class Gate:
+    """Parks requests until :meth:`open`: ``reached`` is set once a request waits at it,
+    ``waiting`` counts the requests waiting now. Once open, requests pass straight through."""
+
+    def __init__(self) -> None:
+        self.reached = asyncio.Event()
+        self.opened = asyncio.Event()
+        self.waiting = 0
+
+    def open(self) -> None:
+        """Let the parked requests (and every later one) go on."""
+        self.opened.set()
+
+    async def pass_through(self) -> None:
+        """Wait here until the gate is open."""
+        if self.opened.is_set():
+            return
+        self.waiting += 1
+        self.reached.set()
+        try:
+            await self.opened.wait()
+        finally:
+            self.waiting -= 1
+
+
 @dataclass
 class Received:
     """One request the fake accepted: method, path, headers, and the parsed body."""
@@ -96,6 +125,7 @@ class FakeProviderServer:
         self.received: list[Received] = []
         self.faults: deque[Fault] = deque()
         self.requests_seen = 0
+        self.gate: Gate | None = None
         self._runner: web.AppRunner | None = None
 
     @property
@@ -106,6 +136,11 @@ class FakeProviderServer:
     def inject(self, *faults: Fault) -> None:
         """Queue faults for the next requests, in order."""
         self.faults.extend(faults)
+
+    def hold_requests(self) -> Gate:
+        """Park every request from now on at a new :class:`Gate` (returned) until it is opened."""
+        self.gate = Gate()
+        return self.gate
 
     def routes(self, app: web.Application) -> None:  # pragma: no cover - abstract
         """Register the provider's endpoints on ``app``."""
@@ -138,6 +173,8 @@ class FakeProviderServer:
         calls :meth:`drop_connection`.
         """
         self.requests_seen += 1
+        if self.gate is not None:
+            await self.gate.pass_through()
         if not self.faults:
             return None
         fault = self.faults.popleft()

@@ -17,9 +17,16 @@
 - Faults, one per message, in order (:meth:`FakeSmtpServer.inject`):
   :meth:`SmtpFault.data_reply` answers ``DATA`` with e.g. 421, 451, 550 or 554
   (421 also closes the connection, RFC 5321 section 3.8);
-  :meth:`SmtpFault.rcpt_refused` refuses the ``RCPT`` with e.g. 550 or 450.
-  :meth:`FakeSmtpServer.drop_connections` closes every open connection (a
-  server restart or idle timeout, as the client sees it).
+  :meth:`SmtpFault.rcpt_refused` refuses the next ``RCPT`` (or only a given
+  recipient's, so a message to several recipients is partly refused) with
+  e.g. 550 or 450; :meth:`SmtpFault.slow_data` accepts the message but
+  answers ``DATA`` only after a delay (past a client's timeout: the client
+  cannot know it was accepted); :meth:`SmtpFault.reset_in_data` aborts the
+  TCP connection after the content arrived, before any reply (nothing is
+  accepted); :meth:`SmtpFault.malformed_reply` answers ``DATA`` with a line
+  that is not an RFC 5321 section 4.2 reply (no 3-digit code; nothing is
+  accepted). :meth:`FakeSmtpServer.drop_connections` closes every open
+  connection (a server restart or idle timeout, as the client sees it).
 
 The server runs in the controller's own thread and event loop; the record and
 the fault queue are guarded by a lock.
@@ -144,11 +151,22 @@ def generate_certificate(
 
 @dataclass(frozen=True)
 class SmtpFault:
-    """One injected failure for the next message: a reply at ``stage`` instead of accepting it."""
+    """One injected failure for the next message, at ``stage``.
+
+    ``reply``: answered instead of accepting (any text; need not be a valid
+    reply). ``close_connection``: close after the reply. ``recipient``: for
+    ``rcpt``, only that address's ``RCPT`` (other recipients are accepted).
+    ``delay_s``: wait this long (seconds) before answering; with no ``reply``
+    the answer is the usual one (at ``data``, the message is recorded as
+    accepted before the wait). ``reset``: abort the connection without a reply.
+    """
 
     stage: Literal["rcpt", "data"]
-    reply: str
+    reply: str = ""
     close_connection: bool = False
+    recipient: str | None = None
+    delay_s: float = 0.0
+    reset: bool = False
 
     @classmethod
     def data_reply(cls, code: int, text: str = "") -> SmtpFault:
@@ -156,9 +174,26 @@ class SmtpFault:
         return cls("data", f"{code} {text or _DEFAULT_TEXT.get(code, 'injected failure')}", code == 421)
 
     @classmethod
-    def rcpt_refused(cls, code: int, text: str = "") -> SmtpFault:
-        """Refuse the ``RCPT TO`` with ``code`` (e.g. 550 unknown mailbox, 450 busy)."""
-        return cls("rcpt", f"{code} {text or _DEFAULT_TEXT.get(code, 'injected refusal')}", code == 421)
+    def rcpt_refused(cls, code: int, text: str = "", *, recipient: str | None = None) -> SmtpFault:
+        """Refuse the next ``RCPT TO`` (only ``recipient``'s, if given) with ``code``
+        (e.g. 550 unknown mailbox, 450 busy)."""
+        reply = f"{code} {text or _DEFAULT_TEXT.get(code, 'injected refusal')}"
+        return cls("rcpt", reply, code == 421, recipient=recipient)
+
+    @classmethod
+    def slow_data(cls, delay_s: float) -> SmtpFault:
+        """Accept (record) the message, but answer ``DATA`` with 250 only after ``delay_s`` seconds."""
+        return cls("data", delay_s=delay_s)
+
+    @classmethod
+    def reset_in_data(cls) -> SmtpFault:
+        """Abort the TCP connection once the content has arrived, before any reply."""
+        return cls("data", reset=True)
+
+    @classmethod
+    def malformed_reply(cls, line: str = "OK, got it, thanks") -> SmtpFault:
+        """Answer ``DATA`` with ``line``, which is not an RFC 5321 reply (no 3-digit code)."""
+        return cls("data", line)
 
 
 _DEFAULT_TEXT = {
@@ -222,11 +257,24 @@ class _Handler:
         self._note_connection(server)
         return f"250 {server.hostname}"
 
-    def _next_fault(self, stage: str) -> SmtpFault | None:
+    def _next_fault(self, stage: str, address: str | None = None) -> SmtpFault | None:
         with self._state.lock:
-            if self._state.faults and self._state.faults[0].stage == stage:
-                return self._state.faults.popleft()
+            faults = self._state.faults
+            if faults and faults[0].stage == stage and faults[0].recipient in (None, address):
+                return faults.popleft()
         return None
+
+    async def _apply(self, server: SMTP, fault: SmtpFault) -> str | None:
+        """Carry out ``fault``; the reply to send instead of the normal one, or ``None`` to go on."""
+        if fault.delay_s:
+            await asyncio.sleep(fault.delay_s)
+        if fault.reset:
+            if isinstance(server.transport, asyncio.Transport):
+                server.transport.abort()
+            return "421 4.4.2 connection reset"  # never reaches the client
+        if fault.close_connection:
+            self._close_soon(server)
+        return fault.reply or None
 
     @staticmethod
     def _close_soon(server: SMTP) -> None:
@@ -238,21 +286,21 @@ class _Handler:
     async def handle_RCPT(
         self, server: SMTP, session: Session, envelope: Envelope, address: str, rcpt_options: list[str]
     ) -> str:
-        fault = self._next_fault("rcpt")
+        fault = self._next_fault("rcpt", address)
         if fault is not None:
-            if fault.close_connection:
-                self._close_soon(server)
-            return fault.reply
+            reply = await self._apply(server, fault)
+            if reply is not None:
+                return reply
         envelope.rcpt_tos.append(address)
         envelope.rcpt_options.extend(rcpt_options)
         return "250 2.1.5 OK"
 
     async def handle_DATA(self, server: SMTP, session: Session, envelope: Envelope) -> str:
         fault = self._next_fault("data")
-        if fault is not None:
-            if fault.close_connection:
-                self._close_soon(server)
-            return fault.reply
+        if fault is not None and (fault.reply or fault.reset):
+            reply = await self._apply(server, fault)
+            if reply is not None:
+                return reply
         raw = envelope.original_content or b""
         parsed = message_from_bytes(raw, policy=policy.default)
         assert isinstance(parsed, EmailMessage)
@@ -269,6 +317,8 @@ class _Handler:
         with self._state.lock:
             mail.connection = self._state.numbers.get(server, 0)
             self._state.received.append(mail)
+        if fault is not None:
+            await self._apply(server, fault)  # slow_data: accepted (recorded), answered late
         return "250 2.0.0 OK: queued"
 
 

@@ -827,8 +827,8 @@ class CreatePaymentRequest(_message.Message):
     request_id: _builtins.str
     """Idempotency key (AIP-155): the same key from the same tenant returns the
     first answer and charges nothing; the same key with different parameters
-    is INVALID_ARGUMENT. 1 to 128 printable ASCII characters; a UUID is
-    recommended.
+    is FAILED_PRECONDITION (IDEMPOTENCY_KEY_REUSED). 1 to 128 printable ASCII
+    characters; a UUID is recommended.
     """
     amount_minor: _builtins.int
     """The amount, minor units of `currency` (ISO 4217 exponent), > 0."""

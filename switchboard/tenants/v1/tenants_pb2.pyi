@@ -143,10 +143,21 @@ class CreateTenantRequest(_message.Message):
     NAME_FIELD_NUMBER: _builtins.int
     DISPLAY_NAME_FIELD_NUMBER: _builtins.int
     LIMITS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """The name (unique)."""
     display_name: _builtins.str
     """Display name."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required: 1 to 128 printable ASCII characters
+    without spaces; a UUID is recommended (the CLI sends a fresh UUID4 per
+    call). Keys are scoped to the operator, not to a tenant: one key space for
+    every mutating TenantAdminService call. The same key with the same request
+    within the retention window (24 h by default) returns the first answer,
+    errors included, and changes nothing; the same key with a different request
+    (other values or another method) is FAILED_PRECONDITION
+    (IDEMPOTENCY_KEY_REUSED).
+    """
     @_builtins.property
     def limits(self) -> Global___TenantLimits:
         """Limits."""
@@ -157,10 +168,11 @@ class CreateTenantRequest(_message.Message):
         name: _builtins.str = ...,
         display_name: _builtins.str = ...,
         limits: Global___TenantLimits | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["limits", b"limits"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "limits", b"limits", "name", b"name"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["display_name", b"display_name", "limits", b"limits", "name", b"name", "request_id", b"request_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -298,6 +310,9 @@ class UpdateTenantRequest(_message.Message):
 
     TENANT_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     @_builtins.property
     def tenant(self) -> Global___Tenant:
         """The tenant with tenant_id set and the new values."""
@@ -311,10 +326,11 @@ class UpdateTenantRequest(_message.Message):
         *,
         tenant: Global___Tenant | None = ...,
         update_mask: _field_mask_pb2.FieldMask | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "update_mask", b"update_mask"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant", b"tenant", "update_mask", b"update_mask"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "tenant", b"tenant", "update_mask", b"update_mask"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -351,16 +367,20 @@ class DisableTenantRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -397,16 +417,20 @@ class EnableTenantRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -491,16 +515,20 @@ class CreateApiKeyRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -514,8 +542,17 @@ class CreateApiKeyResponse(_message.Message):
 
     API_KEY_FIELD_NUMBER: _builtins.int
     SECRET_FIELD_NUMBER: _builtins.int
+    SECRET_WITHHELD_FIELD_NUMBER: _builtins.int
     secret: _builtins.str
-    """The whole key ("sb_<key id>_<secret>"): shown once, only a hash is stored."""
+    """The whole key ("sb_<key id>_<secret>"): shown once, only a hash is stored.
+    Empty when secret_withheld is set.
+    """
+    secret_withheld: _builtins.bool
+    """True when this answer is a replay (the request_id was used before): the
+    secret is kept nowhere, not even sealed, so a replay returns the key
+    without it. If the first answer was lost, revoke this key and create
+    another with a new request_id.
+    """
     @_builtins.property
     def api_key(self) -> Global___ApiKey:
         """The key's public part."""
@@ -525,10 +562,11 @@ class CreateApiKeyResponse(_message.Message):
         *,
         api_key: Global___ApiKey | None = ...,
         secret: _builtins.str = ...,
+        secret_withheld: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "secret", b"secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["api_key", b"api_key", "secret", b"secret", "secret_withheld", b"secret_withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -588,19 +626,23 @@ class RevokeApiKeyRequest(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     KEY_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
     key_id: _builtins.str
     """The key id."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         key_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["key_id", b"key_id", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -747,6 +789,7 @@ class TwilioConfig(_message.Message):
     FROM_NUMBER_FIELD_NUMBER: _builtins.int
     MESSAGING_SERVICE_SID_FIELD_NUMBER: _builtins.int
     BASE_URL_FIELD_NUMBER: _builtins.int
+    STATUS_CALLBACK_URL_FIELD_NUMBER: _builtins.int
     account_sid: _builtins.str
     """Account SID ("AC" + 32 hex)."""
     auth_token: _builtins.str
@@ -757,6 +800,14 @@ class TwilioConfig(_message.Message):
     """Messaging service SID ("MG" + 32 hex); or set from_number."""
     base_url: _builtins.str
     """API base URL; empty means https://api.twilio.com."""
+    status_callback_url: _builtins.str
+    """Where Twilio POSTs the message's status changes (queued, sent, delivered,
+    undelivered, failed), sent as the `StatusCallback` parameter of every
+    message; empty: none. An https URL with a host name (no underscores, as
+    Twilio requires), at most 2048 characters, without user info or fragment;
+    http only for a loopback host (127.0.0.0/8, ::1, localhost), i.e. a local
+    fake. Not a secret: reads show it.
+    """
     def __init__(
         self,
         *,
@@ -765,10 +816,11 @@ class TwilioConfig(_message.Message):
         from_number: _builtins.str = ...,
         messaging_service_sid: _builtins.str = ...,
         base_url: _builtins.str = ...,
+        status_callback_url: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "auth_token", b"auth_token", "base_url", b"base_url", "from_number", b"from_number", "messaging_service_sid", b"messaging_service_sid"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["account_sid", b"account_sid", "auth_token", b"auth_token", "base_url", b"base_url", "from_number", b"from_number", "messaging_service_sid", b"messaging_service_sid", "status_callback_url", b"status_callback_url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -931,10 +983,13 @@ class SetProviderConfigRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
     channel: _notify_pb2.Channel.ValueType
     """The channel (EMAIL, SMS or PUSH); the provider must serve it."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     @_builtins.property
     def config(self) -> Global___ProviderConfig:
         """The configuration, secrets included."""
@@ -945,10 +1000,11 @@ class SetProviderConfigRequest(_message.Message):
         tenant_id: _builtins.str = ...,
         channel: _notify_pb2.Channel.ValueType = ...,
         config: Global___ProviderConfig | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "config", b"config", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "config", b"config", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1082,19 +1138,23 @@ class DeleteProviderConfigRequest(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     CHANNEL_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
     channel: _notify_pb2.Channel.ValueType
     """The channel."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         channel: _notify_pb2.Channel.ValueType = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channel", b"channel", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1343,8 +1403,11 @@ class SetProcessorConfigRequest(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     CONFIG_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     @_builtins.property
     def config(self) -> Global___ProcessorConfig:
         """The configuration, secrets included; replaces the tenant's configuration
@@ -1356,10 +1419,11 @@ class SetProcessorConfigRequest(_message.Message):
         *,
         tenant_id: _builtins.str = ...,
         config: Global___ProcessorConfig | None = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["config", b"config"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["config", b"config", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1493,19 +1557,23 @@ class DeleteProcessorConfigRequest(_message.Message):
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
     PROCESSOR_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
     processor: _builtins.str
     """The processor: "stripe" or "adyen"."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         processor: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["processor", b"processor", "tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["processor", b"processor", "request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1581,22 +1649,26 @@ class SetStatusCallbackRequest(_message.Message):
     TENANT_ID_FIELD_NUMBER: _builtins.int
     URL_FIELD_NUMBER: _builtins.int
     PREVIOUS_SECRET_VALID_SECONDS_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
     url: _builtins.str
     """The endpoint URL (http or https, at most 2048 characters, no credentials)."""
     previous_secret_valid_seconds: _builtins.int
     """Seconds the previous secret keeps signing too, for a rotation without gaps."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
         url: _builtins.str = ...,
         previous_secret_valid_seconds: _builtins.int = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_secret_valid_seconds", b"previous_secret_valid_seconds", "tenant_id", b"tenant_id", "url", b"url"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["previous_secret_valid_seconds", b"previous_secret_valid_seconds", "request_id", b"request_id", "tenant_id", b"tenant_id", "url", b"url"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1610,8 +1682,17 @@ class SetStatusCallbackResponse(_message.Message):
 
     CALLBACK_FIELD_NUMBER: _builtins.int
     SIGNING_SECRET_FIELD_NUMBER: _builtins.int
+    SIGNING_SECRET_WITHHELD_FIELD_NUMBER: _builtins.int
     signing_secret: _builtins.str
-    """The new signing secret, 64 hex digits (32 bytes): shown once."""
+    """The new signing secret, 64 hex digits (32 bytes): shown once. Empty when
+    signing_secret_withheld is set.
+    """
+    signing_secret_withheld: _builtins.bool
+    """True when this answer is a replay (the request_id was used before): the
+    idempotency record keeps no secret, so a replay returns the endpoint
+    without it. If the first answer was lost, call SetStatusCallback again
+    with a new request_id to get a new secret.
+    """
     @_builtins.property
     def callback(self) -> Global___StatusCallback:
         """The endpoint."""
@@ -1621,10 +1702,11 @@ class SetStatusCallbackResponse(_message.Message):
         *,
         callback: Global___StatusCallback | None = ...,
         signing_secret: _builtins.str = ...,
+        signing_secret_withheld: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "signing_secret", b"signing_secret"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["callback", b"callback", "signing_secret", b"signing_secret", "signing_secret_withheld", b"signing_secret_withheld"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1683,16 +1765,20 @@ class DeleteStatusCallbackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     TENANT_ID_FIELD_NUMBER: _builtins.int
+    REQUEST_ID_FIELD_NUMBER: _builtins.int
     tenant_id: _builtins.str
     """The tenant id."""
+    request_id: _builtins.str
+    """Idempotency key (AIP-155), required, as in CreateTenantRequest."""
     def __init__(
         self,
         *,
         tenant_id: _builtins.str = ...,
+        request_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["tenant_id", b"tenant_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_id", b"request_id", "tenant_id", b"tenant_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

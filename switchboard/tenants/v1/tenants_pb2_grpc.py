@@ -31,6 +31,11 @@ class TenantAdminServiceStub:
     reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
+
+    Every mutating call carries a `request_id` (idempotency key, AIP-155,
+    required): the keys are scoped to the operator, and the same key with the
+    same request within the retention window replays the first answer, errors
+    included, and changes nothing; see docs/idempotency.md.
     """
 
     def __init__(self, channel):
@@ -147,6 +152,11 @@ class TenantAdminServiceServicer:
     reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
+
+    Every mutating call carries a `request_id` (idempotency key, AIP-155,
+    required): the keys are scoped to the operator, and the same key with the
+    same request within the retention window replays the first answer, errors
+    included, and changes nothing; see docs/idempotency.md.
     """
 
     def CreateTenant(self, request, context):
@@ -410,6 +420,11 @@ class TenantAdminService:
     reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
+
+    Every mutating call carries a `request_id` (idempotency key, AIP-155,
+    required): the keys are scoped to the operator, and the same key with the
+    same request within the retention window replays the first answer, errors
+    included, and changes nothing; see docs/idempotency.md.
     """
 
     @staticmethod

@@ -32,6 +32,11 @@ class TenantAdminServiceStub:
     reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
+
+    Every mutating call carries a `request_id` (idempotency key, AIP-155,
+    required): the keys are scoped to the operator, and the same key with the
+    same request within the retention window replays the first answer, errors
+    included, and changes nothing; see docs/idempotency.md.
     """
 
     @_typing.overload
@@ -93,6 +98,11 @@ class TenantAdminServiceAsyncStub(TenantAdminServiceStub):
     reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
+
+    Every mutating call carries a `request_id` (idempotency key, AIP-155,
+    required): the keys are scoped to the operator, and the same key with the
+    same request within the retention window replays the first answer, errors
+    included, and changes nothing; see docs/idempotency.md.
     """
 
     def __init__(self, channel: _aio.Channel) -> None: ...
@@ -150,6 +160,11 @@ class TenantAdminServiceServicer(metaclass=_abc_1.ABCMeta):
     reachable only with the operator token
     (metadata `authorization: Bearer <SWITCHBOARD_ADMIN_TOKEN>`), never with a
     tenant API key. Reads never return secrets.
+
+    Every mutating call carries a `request_id` (idempotency key, AIP-155,
+    required): the keys are scoped to the operator, and the same key with the
+    same request within the retention window replays the first answer, errors
+    included, and changes nothing; see docs/idempotency.md.
     """
 
     @_abc_1.abstractmethod
