@@ -30,7 +30,8 @@ Every function follows the same three steps:
    webhooks record their outcomes with too).
 
 **Idempotent consumer.** A command for a payment already past its step finds
-nothing to claim and returns :attr:`Outcome.SKIPPED`. A charge attempt left
+nothing to claim and returns :attr:`Outcome.SKIPPED` (so do the copies the
+payment sweeper, payments/sweeper.py, publishes for commands it presumes lost). A charge attempt left
 PENDING by a worker that died mid-call is sent again with the SAME key when
 its command is redelivered (within ``resend_window_s``, well inside the
 processors' key retention: Stripe keeps keys at least 24 h, Adyen at least 31
