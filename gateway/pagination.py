@@ -53,6 +53,25 @@ def time_bound(request: Message, field: str, violations: list[FieldViolation]) -
     except (ValueError, OverflowError):
         violations.append(FieldViolation(field=field, description="must be a valid timestamp"))
         return None
-    if field == "create_time_before" and ts.nanos % 1000:
+    if field == "create_time_before" and ts.nanos % 1000 and value < datetime.max.replace(tzinfo=UTC):
+        # (In the last microsecond of year 9999 there is nothing to round up to: the bound stays.)
         value += timedelta(microseconds=1)
     return value
+
+
+def create_time_range(
+    request: Message, violations: list[FieldViolation]
+) -> tuple[datetime | None, datetime | None]:
+    """``create_time_after`` and ``create_time_before`` of a List request as exclusive bounds
+    (:func:`time_bound`), adding a violation naming ``create_time_before`` unless it is later
+    than ``create_time_after``. The order is checked on the timestamps as sent (seconds, nanos),
+    not on the bounds rounded to microseconds, which may differ by one microsecond."""
+    created_after = time_bound(request, "create_time_after", violations)
+    created_before = time_bound(request, "create_time_before", violations)
+    if created_after is not None and created_before is not None:
+        after, before = (getattr(request, name) for name in ("create_time_after", "create_time_before"))
+        if (before.seconds, before.nanos) <= (after.seconds, after.nanos):
+            violations.append(
+                FieldViolation(field="create_time_before", description="must be later than create_time_after")
+            )
+    return created_after, created_before

@@ -1,4 +1,5 @@
-"""The outbox relay: publishes committed outbox rows to Kafka, and sweeps lost deliveries back.
+"""The outbox relay: publishes committed outbox rows to Kafka, and sweeps lost deliveries and payment
+commands back (payments/sweeper.py).
 
 Each round claims up to ``relay_batch_size`` due, unpublished rows with
 ``FOR UPDATE SKIP LOCKED`` (so several relays share the work without
@@ -24,6 +25,7 @@ from aiokafka import AIOKafkaProducer
 from channels.callbacks import CallbackDispatcher
 from channels.catalog import all_topics
 from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
+from payments.sweeper import sweep_unfinished_payment_commands
 from switchboard.kafka import ensure_topics, make_producer
 from switchboard.settings import Settings
 
@@ -185,6 +187,7 @@ class OutboxRelay:
         self._next_sweep = 0.0
         self.published = 0
         self.swept = 0
+        self.swept_payment_commands = 0
 
     @property
     def _round_timeout_s(self) -> float:
@@ -225,6 +228,18 @@ class OutboxRelay:
             if swept:
                 self.swept += swept
                 log.warning("swept unfinished deliveries back to the outbox", count=swept)
+            commands = await sweep_unfinished_payment_commands(
+                self._pool, after_s=settings.payment_sweep_after_s, topic_prefix=settings.kafka_topic_prefix
+            )
+            if commands.total:
+                self.swept_payment_commands += commands.total
+                log.warning(
+                    "swept unfinished payment operations: their commands go out again",
+                    creates=commands.creates,
+                    captures=commands.captures,
+                    refunds=commands.refunds,
+                    cancels=commands.cancels,
+                )
             reaped = await reap_idempotency_keys(self._pool, retention_s=settings.idempotency_retention_s)
             if reaped:
                 log.info("reaped expired idempotency keys", count=reaped)

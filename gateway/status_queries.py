@@ -250,12 +250,7 @@ def parse_list_request(request: notify_pb2.ListNotificationsRequest) -> ListQuer
                     description="must be CHANNEL_EMAIL, CHANNEL_SMS or CHANNEL_PUSH (or unset: any channel)",
                 )
             )
-    created_after = pagination.time_bound(request, "create_time_after", violations)
-    created_before = pagination.time_bound(request, "create_time_before", violations)
-    if created_after is not None and created_before is not None and created_before <= created_after:
-        violations.append(
-            FieldViolation(field="create_time_before", description="must be later than create_time_after")
-        )
+    created_after, created_before = pagination.create_time_range(request, violations)
     query = ListQuery(
         page_size=request.page_size or PAGE_SIZE_DEFAULT,
         status=status,

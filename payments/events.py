@@ -1,10 +1,13 @@
 """``PaymentEvent`` messages: built from the changed payment, written to the transactional outbox.
 
-Every payment change the worker or the janitor commits that
-:func:`payments.state_machine.event_type_for` gives an event type for
-(``payment.succeeded``, ``payment.requires_capture``, ``payment.failed``,
+Every payment status change the worker, the janitor or a webhook commits
+(:func:`payments.state_machine.event_type_for`: ``payment.processing``,
+``payment.succeeded``, ``payment.requires_capture``, ``payment.failed``,
 ``payment.unknown``, ``payment.canceled``, ``payment.captured``,
-``payment.refunded``) writes one ``switchboard.payments.v1.PaymentEvent`` into
+``payment.refunded``), and every capture or refund that ends FAILED
+(:func:`payments.state_machine.operation_failed_event_type`:
+``payment.capture_failed``, ``payment.refund_failed``), writes one
+``switchboard.payments.v1.PaymentEvent`` into
 the outbox **in the same transaction** as the change (:func:`publish_payment_event`):
 topic ``<prefix>payments.events`` (:func:`channels.catalog.payment_events_topic`),
 key = the tenant id (so one tenant's events stay in order), and the relay
@@ -13,8 +16,10 @@ payment after the change, read inside that transaction.
 
 **Event ids are deterministic**: ``uuid5(EVENT_ID_NAMESPACE,
 "<payment id>/<event type>/<discriminator>")`` where the discriminator is the
-attempt number (charge outcomes), the capture id (``payment.captured``), the
-refund id (``payment.refunded``) or ``cancel`` (``payment.canceled``). A
+attempt number (charge outcomes, ``payment.processing``), the capture id
+(``payment.captured``, ``payment.capture_failed``), the refund id
+(``payment.refunded``, ``payment.refund_failed``) or ``cancel``
+(``payment.canceled``). A
 payment reaches each of those at most once, so the id is unique per event,
 and an event written again for the same change (a worker redoing work after
 a crash, the accept-time cancel announced by a redelivered CANCEL command)
@@ -63,8 +68,11 @@ def build_payment_event(
     ``previous_status``: the status before the change (SUCCEEDED for ``payment.refunded``,
     whose payment stays SUCCEEDED). ``occurred_at``: timezone-aware time of the change.
     ``capture_id`` / ``refund_id`` select the capture or refund carried by
-    ``payment.captured`` / ``payment.refunded`` and discriminate their event ids;
-    ``attempt_no`` the attempt of a charge outcome. Amounts are minor units.
+    ``payment.captured`` / ``payment.capture_failed`` / ``payment.refunded`` /
+    ``payment.refund_failed`` and discriminate their event ids; ``attempt_no`` the attempt
+    of a charge outcome or of ``payment.processing``. ``failure_code`` / ``failure_message``
+    are the payment's for ``payment.failed`` and the capture's or refund's for
+    ``payment.capture_failed`` / ``payment.refund_failed``. Amounts are minor units.
     Raises ``LookupError`` when ``capture_id`` / ``refund_id`` is not one of the payment's.
     """
     payment_id = uuid.UUID(payment.payment_id)
@@ -111,6 +119,10 @@ def build_payment_event(
         if not refunds:
             raise LookupError(f"payment {payment_id} has no refund {refund_id}")
         event.refund.CopyFrom(refunds[0])
+    if event_type in (PaymentEventType.CAPTURE_FAILED, PaymentEventType.REFUND_FAILED):
+        failed = event.capture if event_type is PaymentEventType.CAPTURE_FAILED else event.refund
+        event.failure_code = failed.failure_code
+        event.failure_message = failed.failure_message[:MAX_FAILURE_MESSAGE_CHARS]
     return event
 
 

@@ -30,7 +30,8 @@ Every function follows the same three steps:
    webhooks record their outcomes with too).
 
 **Idempotent consumer.** A command for a payment already past its step finds
-nothing to claim and returns :attr:`Outcome.SKIPPED`. A charge attempt left
+nothing to claim and returns :attr:`Outcome.SKIPPED` (so do the copies the
+payment sweeper, payments/sweeper.py, publishes for commands it presumes lost). A charge attempt left
 PENDING by a worker that died mid-call is sent again with the SAME key when
 its command is redelivered (within ``resend_window_s``, well inside the
 processors' key retention: Stripe keeps keys at least 24 h, Adyen at least 31
@@ -114,10 +115,7 @@ from typing import Final, Generic, Protocol, TypeVar
 
 import asyncpg
 import structlog
-import uuid6
 
-from channels.catalog import payment_commands_topic
-from gateway.write_path import OUTBOX_NOTIFY_CHANNEL
 from payments import store
 from payments.outcomes import (
     OPEN_ATTEMPT_PAYMENT_STATUS,
@@ -344,34 +342,14 @@ def charge_request(payment: store.PaymentRow, attempt_no: int) -> ChargeRequest:
     )
 
 
-async def enqueue_command(
-    conn: Connection,
-    topic_prefix: str,
-    payment: store.PaymentRow,
-    kind: events_pb2.PaymentCommandKind.ValueType,
-    available_at: datetime,
+async def _enqueue_create(
+    conn: Connection, topic_prefix: str, payment: store.PaymentRow, due: datetime
 ) -> None:
-    """Write a ``PaymentCommand`` for ``payment`` to the outbox, due at ``available_at`` (the relay
-    publishes it then, on ``<prefix>payments.commands``, key = tenant id)."""
-    now = utc_now()
-    command = events_pb2.PaymentCommand(
-        command_id=str(uuid6.uuid7()),
-        kind=kind,
-        tenant_id=str(payment.tenant_id),
-        payment_id=str(payment.id),
-        request_id=payment.request_id,
+    """Defer ``payment``'s charge: a new CREATE command in the outbox, due at ``due``."""
+    command = store.payment_command(
+        events_pb2.PAYMENT_COMMAND_KIND_CREATE, payment.tenant_id, payment.id, payment.request_id, utc_now()
     )
-    command.request_time.FromDatetime(now)
-    await conn.execute(
-        """WITH o AS (INSERT INTO outbox (topic, key, payload, available_at) VALUES ($1, $2, $3, $4)
-                      RETURNING 1)
-           SELECT pg_notify($5, '') FROM o""",
-        payment_commands_topic(topic_prefix),
-        str(payment.tenant_id).encode("ascii"),
-        command.SerializeToString(),
-        available_at,
-        OUTBOX_NOTIFY_CHANNEL,
-    )
+    await store.enqueue_command(conn, topic_prefix, command, available_at=due)
 
 
 # --- calling a processor --------------------------------------------------------------------------
@@ -567,6 +545,19 @@ async def _pick(
     return _Pick(None, max(MIN_DEFER_S, wait_s), candidates)
 
 
+async def _start_attempt(
+    ex: Executor, conn: Connection, payment: store.PaymentRow, processor: str, detail: str
+) -> int:
+    """:func:`payments.store.start_attempt` (REQUIRES_PROCESSING or FAILED -> PROCESSING) and its
+    ``payment.processing`` event (attempt number and processor); returns the attempt number."""
+    attempt_no = await store.start_attempt(conn, payment, processor, detail=detail)
+    trigger = PaymentTrigger.ATTEMPT_STARTED
+    if payment.status is _P.FAILED:
+        trigger = PaymentTrigger.FAILOVER_ATTEMPT_STARTED
+    await publish_event(conn, ex, payment, payment.status, trigger, attempt_no=attempt_no)
+    return attempt_no
+
+
 async def _start_next_attempt(
     ex: Executor, conn: Connection, payment: store.PaymentRow, tried: set[str], usable: tuple[str, ...]
 ) -> _Send | Outcome | None:
@@ -577,18 +568,17 @@ async def _start_next_attempt(
     """
     now = ex.clock()
     pick = await _pick(ex, conn, payment, tried, usable)
-    create = events_pb2.PAYMENT_COMMAND_KIND_CREATE
     if pick.defer_s is not None:
         due = now + timedelta(seconds=pick.defer_s)
         if payment.status is _P.FAILED:
             # FAILED is final to clients: the failover attempt starts in this transaction and
             # is sent when the command comes back.
-            attempt_no = await store.start_attempt(
-                conn, payment, pick.candidates[0], detail=f"failover to {pick.candidates[0]}, breaker open"
+            attempt_no = await _start_attempt(
+                ex, conn, payment, pick.candidates[0], f"failover to {pick.candidates[0]}, breaker open"
             )
             lease = due + timedelta(seconds=ex.policy.lookup_after_s)
             await _set_attempt_lease(conn, payment, attempt_no, lease)
-        await enqueue_command(conn, ex.topic_prefix, payment, create, due)
+        await _enqueue_create(conn, ex.topic_prefix, payment, due)
         log.info("payment deferred: breakers open", payment_id=str(payment.id), defer_s=pick.defer_s)
         return Outcome.DEFERRED
     if pick.name is None:
@@ -622,7 +612,7 @@ async def _start_next_attempt(
         )
         return Outcome.FAILED
     detail = f"processor {pick.name}" if not tried else f"failover to {pick.name}"
-    attempt_no = await store.start_attempt(conn, payment, pick.name, detail=detail)
+    attempt_no = await _start_attempt(ex, conn, payment, pick.name, detail)
     lease = now + timedelta(seconds=ex.policy.lookup_after_s)
     fresh = await _claim_send(conn, payment, attempt_no, lease)
     return _Send(payment, attempt_no, pick.name, lease, fresh=fresh)
@@ -662,7 +652,7 @@ async def _begin_charge(ex: Executor, tenant_id: uuid.UUID, payment_id: uuid.UUI
             due = now + timedelta(seconds=defer_s)
             lease = due + timedelta(seconds=ex.policy.lookup_after_s)
             await _set_attempt_lease(conn, payment, attempt.attempt_no, lease)
-            await enqueue_command(conn, ex.topic_prefix, payment, events_pb2.PAYMENT_COMMAND_KIND_CREATE, due)
+            await _enqueue_create(conn, ex.topic_prefix, payment, due)
             return Outcome.DEFERRED
         # Taken over (a redelivered command after a crash, a deferred failover): send again with
         # the SAME key; the processor answers the first request's result if there was one.
@@ -1011,19 +1001,12 @@ async def _lock_op(
 
 
 async def _refuse_op(
-    conn: Connection, payment: store.PaymentRow, op: _Op, code: str, message: str
+    ex: Executor, conn: Connection, payment: store.PaymentRow, op: _Op, code: str, message: str
 ) -> Outcome:
-    """Fail a PENDING capture or refund without sending it (PENDING -> PROCESSING -> FAILED)."""
+    """Fail a PENDING capture or refund without sending it (PENDING -> PROCESSING -> FAILED), with
+    its ``payment.capture_failed`` / ``payment.refund_failed``."""
     started = await move_operation(conn, payment, op, _O.STARTED, next_lookup_at=None)
-    await move_operation(
-        conn,
-        payment,
-        replace(op, status=started),
-        _O.FAILED,
-        next_lookup_at=None,
-        failure_code=code,
-        failure_message=message,
-    )
+    await record_operation_failed(conn, ex, payment, replace(op, status=started), code, message)
     return Outcome.FAILED
 
 
@@ -1077,7 +1060,7 @@ async def _begin_op(
         if payment.status is not needs:
             if op.status.value == "pending":
                 code = f"payment_not_{'capturable' if kind == 'capture' else 'refundable'}"
-                return await _refuse_op(conn, payment, op, code, f"the payment is {payment.status.value}")
+                return await _refuse_op(ex, conn, payment, op, code, f"the payment is {payment.status.value}")
             return Outcome.SKIPPED
         if kind == "refund" and op.status.value == "pending":
             sent = await conn.fetchval(
@@ -1093,7 +1076,7 @@ async def _begin_op(
                     f"refunds sent or done ({int(sent)}) plus this one ({op.amount_minor}) exceed the "
                     f"captured {payment.amount_captured_minor} minor units"
                 )
-                outcome = await _refuse_op(conn, payment, op, "refund_exceeds_captured", message)
+                outcome = await _refuse_op(ex, conn, payment, op, "refund_exceeds_captured", message)
                 log.error(
                     "refund refused at execution: would exceed the captured amount", refund_id=str(op_id)
                 )
@@ -1164,13 +1147,13 @@ async def _record_op(
             else:
                 code = f"processor_{answer.status.value}"
                 message = f"the processor reports the {op.kind} {answer.status.value}"
-                await record_operation_failed(conn, payment, op, code, message)
+                await record_operation_failed(conn, ex, payment, op, code, message)
                 return Outcome.FAILED
         error = result.error
         assert error is not None
         not_done = isinstance(error, Declined) or result.proves_not_done(send.fresh)
         if not_done and not isinstance(error, RetryableProcessorError):  # refused: final
-            await record_operation_failed(conn, payment, op, error.code or "processor_error", str(error))
+            await record_operation_failed(conn, ex, payment, op, error.code or "processor_error", str(error))
             return Outcome.FAILED
         due = now + timedelta(seconds=ex.policy.lookup_delay_s(op.lookups))
         if not_done:  # retries exhausted, every answer "not processed": back to PENDING, retried later
@@ -1357,7 +1340,10 @@ async def execute_cancel(
             await record_canceled(conn, ex, current, current.cancellation_reason)
             return Outcome.SUCCEEDED
         if answer is not None and answer.status is ProcessorStatus.PROCESSING:
+            # In the processor's hands (its webhook reports the outcome): no lookup, and the
+            # payment sweeper leaves it (cancel_accepted_at, migration 0018).
             await _set_cancel_lookup(conn, current, None)
+            await conn.execute("UPDATE payments SET cancel_accepted_at = now() WHERE id = $1", payment_id)
             return Outcome.PROCESSING
         error = result.error
         not_done = answer is not None or isinstance(error, Declined) or result.proves_not_done(fresh)

@@ -55,15 +55,21 @@ Which journal each money movement posts
       Dr refunds                    +R
       Cr processor_clearing:<p>     -R
 
-- **Processor fee** (amount ``F``, e.g. from the processor's balance
-  transaction or settlement report), :func:`fee_postings`, kind ``fee``::
+- **Processor fee** (amount ``F``, from the processor's settlement report:
+  Stripe's balance transaction ``fee``, Adyen's commission, markup, scheme
+  fees and interchange), :func:`fee_postings`, kind ``fee``; posted by
+  ``switchboard reconcile`` (payments/reconciliation.py ``post_report_fees``),
+  a fee given back with the reverse postings::
 
       Dr fees                       +F
       Cr processor_clearing:<p>     -F
 
-Suggested idempotency keys (unique per tenant): ``capture:<payment id>``,
-``refund:<processor refund id>``, ``fee:<payment id>``. A redelivered Kafka
-message therefore finds its journal already posted and posts nothing.
+Idempotency keys (unique per tenant): ``capture:<payment id>`` /
+``capture:<capture id>``, ``refund:<refund id>``, ``fee:<processor>:<fee
+reference>`` (the report's balance transaction or modification id). A
+redelivered Kafka message or a report imported again therefore finds its
+journal already posted and posts nothing. :func:`post_journals` appends many
+journals at once (reconciliation's fees).
 
 Hash chain and canonical encoding
 ---------------------------------
@@ -511,6 +517,17 @@ def _check_text(name: str, value: str, low: int, high: int) -> None:
         raise InvalidPosting(f"{name} must be a string of {low} to {high} characters, got {value!r}")
 
 
+@dataclass(frozen=True)
+class JournalRequest:
+    """One journal to post with :func:`post_journals`; the arguments of :func:`post_journal`."""
+
+    kind: JournalKind | str
+    payment_id: uuid.UUID | None
+    reference: str
+    idempotency_key: str
+    postings: Sequence[Posting]
+
+
 async def post_journal(
     conn: Connection,
     tenant_id: uuid.UUID,
@@ -548,31 +565,83 @@ async def post_journal(
     used for a different journal; ``asyncpg.ForeignKeyViolationError`` for an
     unknown tenant.
     """
-    try:
-        journal_kind = JournalKind(kind)
-    except ValueError:
-        raise InvalidPosting(f"unknown journal kind {kind!r}") from None
-    lines = validate_postings(postings)
-    _check_text("reference", reference, 0, MAX_REFERENCE_CHARS)
-    _check_text("idempotency_key", idempotency_key, 1, MAX_IDEMPOTENCY_KEY_CHARS)
+    request = JournalRequest(kind, payment_id, reference, idempotency_key, postings)
+    (journal,) = await post_journals(conn, tenant_id, [request])
+    if isinstance(journal, IdempotencyConflict):
+        raise journal
+    return journal
+
+
+async def post_journals(
+    conn: Connection, tenant_id: uuid.UUID, requests: Sequence[JournalRequest]
+) -> list[Journal | IdempotencyConflict]:
+    """Append several journals to the tenant's chain in a few statements, in ``requests`` order;
+    inside the caller's open transaction (READ COMMITTED, see :func:`post_journal`).
+
+    Each request is :func:`post_journal`'s: a key already posted with the same content is
+    returned ``replayed``; a key already posted with other content is answered with an
+    :class:`IdempotencyConflict` in its place (nothing written for it; the others are posted),
+    so a caller with many journals (reconciliation's fees) is not stopped by one. One advisory
+    lock, one read of the existing keys, one read of the head, one account upsert and one
+    insert whatever the count: 10,000 journals take about what 10 single posts take.
+
+    Raises, before any SQL: :class:`InvalidPosting` / :class:`UnbalancedJournal` for a bad
+    request or a key given twice, :class:`NotInTransaction` outside a transaction; then
+    asyncpg errors (``ForeignKeyViolationError`` for an unknown tenant).
+    """
+    checked: list[tuple[JournalKind, JournalRequest, tuple[Posting, ...]]] = []
+    for request in requests:
+        try:
+            journal_kind = JournalKind(request.kind)
+        except ValueError:
+            raise InvalidPosting(f"unknown journal kind {request.kind!r}") from None
+        lines = validate_postings(request.postings)
+        _check_text("reference", request.reference, 0, MAX_REFERENCE_CHARS)
+        _check_text("idempotency_key", request.idempotency_key, 1, MAX_IDEMPOTENCY_KEY_CHARS)
+        checked.append((journal_kind, request, lines))
+    keys = [request.idempotency_key for _, request, _ in checked]
+    if len(set(keys)) != len(keys):
+        raise InvalidPosting("an idempotency key appears twice among the journals to post")
     if not conn.is_in_transaction():
         raise NotInTransaction(
             "post_journal must run inside the caller's transaction (async with conn.transaction())"
         )
+    if not checked:
+        return []
 
     # Its own statement: the statements after it take their snapshot once the lock is held.
     await conn.execute("SELECT pg_advisory_xact_lock($1, $2)", LEDGER_LOCK_CLASS, tenant_lock_key(tenant_id))
 
-    existing = await find_journal(conn, tenant_id, idempotency_key)
-    if existing is not None:
-        asked = (journal_kind, payment_id, reference, lines)
-        stored = (existing.kind, existing.payment_id, existing.reference, existing.postings)
-        if asked != stored:
-            raise IdempotencyConflict(
-                f"idempotency key {idempotency_key!r} was already posted as journal {existing.id} "
-                f"(sequence {existing.sequence}) with a different kind, payment, reference or postings"
+    existing = {
+        row["idempotency_key"]: _journal(row)
+        for row in await conn.fetch(
+            _JOURNAL_SELECT
+            + " WHERE j.tenant_id = $1 AND j.idempotency_key = ANY($2::text[])"
+            + _JOURNAL_GROUP,
+            tenant_id,
+            keys,
+        )
+    }
+    results: list[Journal | IdempotencyConflict | None] = []
+    fresh: list[tuple[int, JournalKind, JournalRequest, tuple[Posting, ...]]] = []
+    for n, (journal_kind, request, lines) in enumerate(checked):
+        stored = existing.get(request.idempotency_key)
+        if stored is None:
+            results.append(None)
+            fresh.append((n, journal_kind, request, lines))
+            continue
+        asked = (journal_kind, request.payment_id, request.reference, lines)
+        if asked != (stored.kind, stored.payment_id, stored.reference, stored.postings):
+            results.append(
+                IdempotencyConflict(
+                    f"idempotency key {request.idempotency_key!r} was already posted as journal {stored.id} "
+                    f"(sequence {stored.sequence}) with a different kind, payment, reference or postings"
+                )
             )
-        return replace(existing, replayed=True)
+        else:
+            results.append(replace(stored, replayed=True))
+    if not fresh:
+        return _all_answered(results)
 
     head = await conn.fetchrow(
         """SELECT clock_timestamp() AS now, h.seq, h.hash
@@ -582,11 +651,11 @@ async def post_journal(
         tenant_id,
     )
     assert head is not None
-    sequence = 1 if head["seq"] is None else head["seq"] + 1
+    sequence = 0 if head["seq"] is None else head["seq"]
     prev_hash = GENESIS_HASH if head["hash"] is None else bytes(head["hash"])
     created_at: datetime = head["now"]
 
-    codes = sorted({p.account for p in lines})
+    codes = sorted({p.account for _, _, _, lines in fresh for p in lines})
     account_rows = await conn.fetch(
         """WITH wanted (code, kind) AS (SELECT * FROM unnest($2::text[], $3::text[])),
                 added AS (INSERT INTO ledger_accounts (tenant_id, code, kind)
@@ -602,65 +671,80 @@ async def post_journal(
     )
     account_ids = {row["code"]: row["id"] for row in account_rows}
 
-    journal_id = uuid.UUID(str(uuid6.uuid7()))
-    numbered = [(n, p.account, p.currency, p.amount_minor) for n, p in enumerate(lines, start=1)]
-    digest = postings_digest(numbered)
-    header = encode_header(
-        tenant_id=tenant_id,
-        sequence=sequence,
-        journal_id=journal_id,
-        kind=journal_kind.value,
-        payment_id=payment_id,
-        reference=reference,
-        idempotency_key=idempotency_key,
-        created_at=created_at,
-        posting_count=len(lines),
-    )
-    link = chain_hash(prev_hash, header, digest)
+    journal_rows: list[tuple[object, ...]] = []
+    posting_rows: list[tuple[uuid.UUID, int, int, int, str]] = []
+    for n, journal_kind, request, lines in fresh:
+        sequence += 1
+        journal_id = uuid.UUID(str(uuid6.uuid7()))
+        numbered = [(i, p.account, p.currency, p.amount_minor) for i, p in enumerate(lines, start=1)]
+        digest = postings_digest(numbered)
+        header = encode_header(
+            tenant_id=tenant_id,
+            sequence=sequence,
+            journal_id=journal_id,
+            kind=journal_kind.value,
+            payment_id=request.payment_id,
+            reference=request.reference,
+            idempotency_key=request.idempotency_key,
+            created_at=created_at,
+            posting_count=len(lines),
+        )
+        link = chain_hash(prev_hash, header, digest)
+        journal_rows.append(
+            (journal_id, sequence, journal_kind.value, request.payment_id, request.reference,
+             request.idempotency_key, len(lines), digest, prev_hash, link)
+        )  # fmt: skip
+        posting_rows.extend(
+            (journal_id, i, account_ids[account], amount, currency)
+            for i, account, currency, amount in numbered
+        )
+        results[n] = Journal(
+            id=journal_id,
+            tenant_id=tenant_id,
+            sequence=sequence,
+            kind=journal_kind,
+            payment_id=request.payment_id,
+            reference=request.reference,
+            idempotency_key=request.idempotency_key,
+            created_at=created_at,
+            postings=lines,
+            postings_digest=digest,
+            prev_hash=prev_hash,
+            hash=link,
+        )
+        prev_hash = link
 
     # One statement, so even with SET CONSTRAINTS ALL IMMEDIATE the balance
-    # triggers run after the journal and all its postings exist.
+    # triggers run after the journals and all their postings exist.
+    columns = list(zip(*journal_rows, strict=True))
+    posting_columns = list(zip(*posting_rows, strict=True))
     await conn.execute(
         """WITH journal AS (
                INSERT INTO ledger_journals (id, tenant_id, seq, kind, payment_id, reference, idempotency_key,
                                             created_at, posting_count, postings_digest, prev_hash, hash)
-               VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)
-               RETURNING id, tenant_id)
+               SELECT j.id, $1, j.seq, j.kind, j.payment_id, j.reference, j.idempotency_key, $2,
+                      j.posting_count, j.postings_digest, j.prev_hash, j.hash
+                 FROM unnest($3::uuid[], $4::bigint[], $5::text[], $6::uuid[], $7::text[], $8::text[],
+                             $9::int[], $10::bytea[], $11::bytea[], $12::bytea[])
+                      AS j (id, seq, kind, payment_id, reference, idempotency_key, posting_count,
+                            postings_digest, prev_hash, hash)
+               RETURNING id)
            INSERT INTO ledger_postings (journal_id, tenant_id, line_no, account_id, amount_minor, currency)
-           SELECT journal.id, journal.tenant_id, l.line_no, l.account_id, l.amount_minor, l.currency
-             FROM journal, unnest($13::int[], $14::bigint[], $15::bigint[], $16::text[])
-                  AS l (line_no, account_id, amount_minor, currency)""",
-        journal_id,
+           SELECT l.journal_id, $1, l.line_no, l.account_id, l.amount_minor, l.currency
+             FROM unnest($13::uuid[], $14::int[], $15::bigint[], $16::bigint[], $17::text[])
+                  AS l (journal_id, line_no, account_id, amount_minor, currency)""",
         tenant_id,
-        sequence,
-        journal_kind.value,
-        payment_id,
-        reference,
-        idempotency_key,
         created_at,
-        len(lines),
-        digest,
-        prev_hash,
-        link,
-        [n for n, _, _, _ in numbered],
-        [account_ids[account] for _, account, _, _ in numbered],
-        [amount for _, _, _, amount in numbered],
-        [currency for _, _, currency, _ in numbered],
+        *[list(column) for column in columns],
+        *[list(column) for column in posting_columns],
     )
-    return Journal(
-        id=journal_id,
-        tenant_id=tenant_id,
-        sequence=sequence,
-        kind=journal_kind,
-        payment_id=payment_id,
-        reference=reference,
-        idempotency_key=idempotency_key,
-        created_at=created_at,
-        postings=lines,
-        postings_digest=digest,
-        prev_hash=prev_hash,
-        hash=link,
-    )
+    return _all_answered(results)
+
+
+def _all_answered(results: list[Journal | IdempotencyConflict | None]) -> list[Journal | IdempotencyConflict]:
+    answered = [r for r in results if r is not None]
+    assert len(answered) == len(results), "every request has its journal or its conflict"
+    return answered
 
 
 # --- balances --------------------------------------------------------------------------------------

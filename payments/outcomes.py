@@ -27,8 +27,8 @@ succeeded`)                reference), ``payment.captured``
 refund succeeded           refund SUCCEEDED, ``amount_refunded_minor`` grows by its amount,
 (:func:`record_operation_  journal ``refund:<refund id>`` (reference: the processor's refund id),
 succeeded`)                ``payment.refunded``
-capture or refund failed   the capture or refund FAILED, the payment unchanged, no journal
-(:func:`record_operation_  and no event
+capture or refund failed   the capture or refund FAILED, the payment unchanged, no journal,
+(:func:`record_operation_  ``payment.capture_failed`` / ``payment.refund_failed``
 failed`)
 authorization released     payment CANCELED, its cancel lookup cleared, ``payment.canceled``
 (:func:`record_canceled`)
@@ -67,6 +67,7 @@ from payments.state_machine import (
     RefundStatus,
     event_type_for,
     next_status,
+    operation_failed_event_type,
 )
 from switchboard.db.pool import Connection
 
@@ -316,8 +317,21 @@ async def move_operation(
 ) -> CaptureStatus | RefundStatus:
     """Apply ``event`` (None: keep the status) to the locked capture or refund ``op``, set its
     ``next_lookup_at`` and, when given, its processor reference, failure fields and lookup count;
-    touch the payment and notify its watchers. Returns the operation's new status."""
+    record a status change in the operation's history
+    (:func:`payments.store.record_operation_transition`, detail: the failure message); touch the
+    payment and notify its watchers. Returns the operation's new status."""
     status = op.status if event is None else next_status(op.status, event)
+    if status is not op.status:
+        await store.record_operation_transition(
+            conn,
+            payment.tenant_id,
+            payment.id,
+            op.status,
+            status,
+            event,
+            operation_id=op.id,
+            detail=failure_message or "",
+        )
     await conn.execute(
         _OPERATION_UPDATE[op.kind],
         op.id,
@@ -410,6 +424,7 @@ async def record_operation_succeeded(
 
 async def record_operation_failed(
     conn: Connection,
+    ctx: EventContext,
     payment: store.PaymentRow,
     op: Operation,
     code: str,
@@ -418,8 +433,10 @@ async def record_operation_failed(
     processor_reference: str | None = None,
 ) -> None:
     """The PROCESSING or UNKNOWN capture or refund ``op`` definitely did not happen: FAILED (its
-    lookup cleared; ``code`` / ``message`` clipped; ``processor_reference`` stored when given).
-    The payment's status does not change (REQUIRES_CAPTURE or SUCCEEDED)."""
+    lookup cleared; ``code`` / ``message`` clipped; ``processor_reference`` stored when given),
+    and ``payment.capture_failed`` / ``payment.refund_failed`` carrying it. The payment's status
+    does not change (REQUIRES_CAPTURE or SUCCEEDED; CANCELED when a capture is refused because
+    the authorization was released meanwhile)."""
     await move_operation(
         conn,
         payment,
@@ -429,6 +446,17 @@ async def record_operation_failed(
         processor_reference=processor_reference,
         failure_code=clip(code),
         failure_message=clip(message),
+    )
+    await publish_payment_event(
+        conn,
+        ctx.topic_prefix,
+        payment.tenant_id,
+        payment.id,
+        operation_failed_event_type(op.kind),
+        payment.status,
+        ctx.clock(),
+        capture_id=op.id if op.kind == "capture" else None,
+        refund_id=op.id if op.kind == "refund" else None,
     )
 
 

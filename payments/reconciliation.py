@@ -77,10 +77,22 @@ What reference the ledger stores (the convention the payment worker follows):
 
 **Fees** are not matched line by line: the report's fees are summed per
 currency (per-line fees plus standalone fee lines) and compared with the sum
-of the ledger's fee journals of this processor that were created inside the
-period or whose reference is one of the report's references. When the ledger
-holds no such fee journal at all, fees are reported but not compared
-(:attr:`FeeTotal.ledger_minor` is None) and are no discrepancy.
+of the ledger's fee journals of this processor whose reference is one of the
+report's references: a line's candidates, or a fee's own reference
+(:func:`fee_reference`, under which :func:`post_report_fees` posts it). A fee
+journal's time says when it was booked, not when the processor took the fee,
+so the period plays no part here. When the ledger holds no such fee journal
+at all, fees are reported but not compared (:attr:`FeeTotal.ledger_minor` is
+None) and are no discrepancy.
+
+**Fee journals.** Importing a report (:func:`reconcile_and_store`) posts its
+fees as ledger journals of kind ``fee`` once the comparison is made, one per
+fee reference (idempotency key ``fee:<processor>:<reference>``): Stripe's
+``fee`` of a balance transaction and standalone ``fee`` lines, Adyen's
+commission + markup + scheme fees + interchange and its ``Fee`` /
+``MiscCosts`` / ``PaymentCost`` lines. A second import of the same report
+posts nothing more; a fee whose reference was posted with another amount is
+left as it is and shows as a fee mismatch.
 
 **Skipped**: rows of any other type (payouts, disputes, adjustments,
 transfers...) are counted per type in :attr:`ParsedReport.skipped`; they are
@@ -136,12 +148,13 @@ from __future__ import annotations
 
 import csv
 import enum
+import hashlib
 import json
 import re
 import uuid
 from collections import defaultdict
 from collections.abc import Callable, Collection, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta, timezone
 from decimal import Decimal, InvalidOperation
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -149,7 +162,16 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 import iso4217
 import uuid6
 
-from payments.ledger import JournalKind, processor_clearing
+from payments.ledger import (
+    MAX_IDEMPOTENCY_KEY_CHARS,
+    MAX_REFERENCE_CHARS,
+    IdempotencyConflict,
+    JournalKind,
+    JournalRequest,
+    fee_postings,
+    post_journals,
+    processor_clearing,
+)
 from switchboard.db.pool import Connection
 
 #: ``(currency, amount in minor units)`` pairs, sorted by currency, zero totals left out.
@@ -276,13 +298,16 @@ class ReportLine:
 
 @dataclass(frozen=True)
 class FeeLine:
-    """A standalone fee line of a report: ``amount_minor`` (> 0 is a fee charged) of ``currency``."""
+    """A standalone fee line of a report: ``amount_minor`` (> 0 is a fee charged) of ``currency``;
+    ``line_id`` is the report's own id of the line (Stripe ``balance_transaction_id``, else
+    ``source_id``; Adyen ``Modification Reference``, else ``Psp Reference``) or ``""``."""
 
     line: int
     amount_minor: int
     currency: str
     occurred_at: datetime
     category: str
+    line_id: str = ""
 
 
 @dataclass(frozen=True)
@@ -306,8 +331,31 @@ class ParsedReport:
     period_end: datetime | None
 
     def references(self) -> set[str]:
-        """Every candidate reference of every line (what to look up in the ledger)."""
-        return {reference for line in self.lines for reference in line.references}
+        """What to look up in the ledger: every candidate reference of every line, and the
+        reference of every fee (:func:`fee_reference`), under which its fee journal is posted."""
+        return {reference for line in self.lines for reference in line.references} | self.fee_references()
+
+    def fee_references(self) -> set[str]:
+        """The :func:`fee_reference` of every fee of the report (lines with a fee, fee lines)."""
+        fees: list[ReportLine | FeeLine] = [*self.lines, *self.fee_lines]
+        return {r for r in map(fee_reference, fees) if r is not None}
+
+
+def fee_reference(line: ReportLine | FeeLine) -> str | None:
+    """The processor's reference of a fee: the reference its fee journal is posted under.
+
+    The report's own id of the line (Stripe ``balance_transaction_id``: one balance transaction,
+    one fee; Adyen ``Modification Reference``); without one, a capture or refund line falls back
+    to ``<category>:<its first reference>`` (e.g. ``charge:pi_1``) and a standalone fee line has
+    none (None: it cannot be posted idempotently). None too for a line without a fee.
+    """
+    if isinstance(line, ReportLine):
+        if not line.fee_minor:
+            return None
+        return line.line_id or f"{line.category}:{line.references[0]}"
+    if not line.amount_minor:
+        return None
+    return line.line_id or None
 
 
 @dataclass(frozen=True)
@@ -607,7 +655,8 @@ def parse_stripe_report(lines: Iterable[str]) -> ParsedReport:
         if row.get("net") and row.minor("net", currency) != net:
             raise ReportError(row.line, "net", f"{row.get('net')} is not gross - fee")
         if kind is None:
-            out.fee_lines.append(FeeLine(row.line, -net, currency, moment, category))
+            line_id = row.get("balance_transaction_id") or row.get("source_id")
+            out.fee_lines.append(FeeLine(row.line, -net, currency, moment, category, line_id))
             continue
         out.lines.append(
             ReportLine(
@@ -719,7 +768,8 @@ def parse_adyen_report(lines: Iterable[str]) -> ParsedReport:
             currency = row.currency("Net Currency")
             debit = row.minor("Net Debit (NC)", currency, default_zero=True)
             credit = row.minor("Net Credit (NC)", currency, default_zero=True)
-            out.fee_lines.append(FeeLine(row.line, debit - credit, currency, moment, category))
+            line_id = row.get("Modification Reference") or row.get("Psp Reference")
+            out.fee_lines.append(FeeLine(row.line, debit - credit, currency, moment, category, line_id))
             continue
         currency = row.currency("Gross Currency")
         if not row.get("Gross Debit (GC)") and not row.get("Gross Credit (GC)"):
@@ -770,6 +820,11 @@ def _conflict_detail(report: Amounts, ledger: Amounts, lines: int, journals: int
     return f"{what}: report {format_amounts(report)}, ledger {format_amounts(ledger)}{counts}"
 
 
+def _chosen_reference(line: ReportLine, index: Collection[tuple[JournalKind, str]]) -> str:
+    """The "Reference rule": the first candidate naming a journal of the line's kind, else the first."""
+    return next((r for r in line.references if (line.kind, r) in index), line.references[0])
+
+
 def reconcile(
     report: ParsedReport,
     ledger: Iterable[LedgerEntry],
@@ -800,8 +855,7 @@ def reconcile(
 
     groups: dict[tuple[JournalKind, str], list[ReportLine]] = defaultdict(list)
     for line in report.lines:
-        reference = next((r for r in line.references if (line.kind, r) in index), line.references[0])
-        groups[(line.kind, reference)].append(line)
+        groups[(line.kind, _chosen_reference(line, index))].append(line)
 
     items: list[ReconciliationItem] = []
     for (kind, reference), lines in groups.items():
@@ -851,7 +905,9 @@ def reconcile(
         format=report.format,
         rows=report.rows,
         items=tuple(items),
-        fees=_fee_totals(report, fee_entries, {reference for _, reference in groups}, in_period),
+        fees=_fee_totals(
+            report, fee_entries, {reference for _, reference in groups} | report.fee_references()
+        ),
         skipped=report.skipped,
         period_start=start,
         period_end=end,
@@ -862,7 +918,6 @@ def _fee_totals(
     report: ParsedReport,
     fee_entries: Sequence[LedgerEntry],
     references: Collection[str],
-    in_period: Callable[[LedgerEntry], bool],
 ) -> tuple[FeeTotal, ...]:
     reported: dict[str, int] = defaultdict(int)
     for line in report.lines:
@@ -870,7 +925,7 @@ def _fee_totals(
             reported[line.fee_currency] += line.fee_minor
     for fee in report.fee_lines:
         reported[fee.currency] += fee.amount_minor
-    booked_entries = [e for e in fee_entries if in_period(e) or e.reference in references]
+    booked_entries = [e for e in fee_entries if e.reference in references]
     booked: dict[str, int] = defaultdict(int)
     for entry in booked_entries:
         booked[entry.currency] += entry.amount_minor
@@ -1062,11 +1117,111 @@ async def run_items(
 
 
 @dataclass(frozen=True)
+class FeeJournals:
+    """What posting a report's fees did (:func:`post_report_fees`).
+
+    ``posted``: fee journals written now, ``posted_minor`` their amounts per currency (minor
+    units, a returned fee negative); ``already_posted``: fees whose journal exists (an earlier
+    import of a report with the same line); ``conflicting``: fees whose reference was posted
+    before with another amount (nothing written; the fee comparison reports the difference);
+    ``without_reference``: standalone fee lines the report gives no id for (not posted).
+    """
+
+    posted: int = 0
+    posted_minor: Amounts = ()
+    already_posted: int = 0
+    conflicting: int = 0
+    without_reference: int = 0
+
+
+def fee_idempotency_key(processor: str, reference: str) -> str:
+    """The ledger idempotency key of a fee: ``fee:<processor>:<fee reference>`` (a SHA-256 of the
+    reference when the key would exceed the ledger's 200 characters)."""
+    key = f"fee:{processor}:{reference}"
+    if len(key) <= MAX_IDEMPOTENCY_KEY_CHARS:
+        return key
+    return f"fee:{processor}:sha256:{hashlib.sha256(reference.encode('utf-8')).hexdigest()}"
+
+
+async def post_report_fees(
+    conn: Connection,
+    tenant_id: uuid.UUID,
+    processor: str,
+    report: ParsedReport,
+    ledger: Iterable[LedgerEntry],
+) -> FeeJournals:
+    """Post the fees ``report`` shows as ledger journals, once per fee reference; inside the
+    caller's transaction.
+
+    Every fee of the report (the fee withheld on a capture or refund line -- Stripe's balance
+    transaction ``fee``, Adyen's commission + markup + scheme fees + interchange -- and every
+    standalone fee line) becomes one journal of kind ``fee``
+    (:func:`payments.ledger.fee_postings`: Dr ``fees`` / Cr ``processor_clearing:<processor>``,
+    reversed for a fee given back) in the fee's currency, with reference :func:`fee_reference`,
+    idempotency key :func:`fee_idempotency_key` and the payment of the line's capture or refund
+    journal in ``ledger`` (none for standalone fees or lines missing in the ledger: the
+    processor took the fee all the same). A second import of the same report posts nothing
+    more. Fees are posted whatever the matching found: the money the processor withheld is
+    the report's to say, and the run's discrepancies are reported separately.
+
+    Raises :class:`~payments.ledger.InvalidPosting` for a bad processor name and asyncpg errors.
+    """
+    index: dict[tuple[JournalKind, str], list[LedgerEntry]] = defaultdict(list)
+    for entry in ledger:
+        if entry.kind in _MATCHED_KINDS:
+            index[(entry.kind, entry.reference)].append(entry)
+    wanted: list[tuple[str, int, str, uuid.UUID | None]] = []
+    without_reference = 0
+    for line in report.lines:
+        reference = fee_reference(line)
+        if reference is not None:
+            booked = index.get((line.kind, _chosen_reference(line, index)), [])
+            payment_id = next((e.payment_id for e in booked if e.payment_id is not None), None)
+            wanted.append((reference, line.fee_minor, line.fee_currency, payment_id))
+    for fee in report.fee_lines:
+        reference = fee_reference(fee)
+        if reference is None:
+            without_reference += fee.amount_minor != 0
+        else:
+            wanted.append((reference, fee.amount_minor, fee.currency, None))
+    # A reference listed twice (a duplicated line) is one fee: the copy is "already posted" if it
+    # says the same, a conflict if not.
+    unique: dict[str, tuple[str, int, str, uuid.UUID | None]] = {}
+    already = conflicting = 0
+    for item in wanted:
+        first = unique.setdefault(item[0], item)
+        if first is not item:
+            same = first[1:3] == item[1:3]
+            already, conflicting = already + same, conflicting + (not same)
+    requests: list[JournalRequest] = []
+    for reference, amount_minor, currency, payment_id in unique.values():
+        postings = fee_postings(processor, abs(amount_minor), currency)
+        if amount_minor < 0:  # a fee given back: the reverse postings
+            postings = [replace(p, amount_minor=-p.amount_minor) for p in reversed(postings)]
+        key = fee_idempotency_key(processor, reference)
+        requests.append(
+            JournalRequest(JournalKind.FEE, payment_id, reference[:MAX_REFERENCE_CHARS], key, postings)
+        )
+    async with conn.transaction():
+        journals = await post_journals(conn, tenant_id, requests)
+    posted: list[tuple[str, int]] = []
+    for (_, amount_minor, currency, _), journal in zip(unique.values(), journals, strict=True):
+        if isinstance(journal, IdempotencyConflict):
+            conflicting += 1
+        elif journal.replayed:
+            already += 1
+        else:
+            posted.append((currency, amount_minor))
+    return FeeJournals(len(posted), _totals(posted), already, conflicting, without_reference)
+
+
+@dataclass(frozen=True)
 class StoredRun:
-    """A reconciliation that was run and stored: its id and its result."""
+    """A reconciliation that was run and stored: its id, its result and the fee journals it posted."""
 
     run_id: uuid.UUID
     result: ReconciliationResult
+    fee_journals: FeeJournals = FeeJournals()
 
 
 async def reconcile_and_store(
@@ -1078,18 +1233,25 @@ async def reconcile_and_store(
     *,
     period: tuple[datetime, datetime] | None = None,
 ) -> StoredRun:
-    """Load the ledger entries ``report`` needs, :func:`reconcile`, and :func:`store_run` the result.
+    """Load the ledger entries ``report`` needs, :func:`reconcile`, then in ONE transaction
+    :func:`post_report_fees` (the report's fees become fee journals, once per fee reference) and
+    :func:`store_run` the result.
 
-    ``period`` overrides the report's own (``[start, end)``). Raises
-    :class:`~payments.ledger.InvalidPosting` for a bad processor name and
-    asyncpg errors.
+    The fees are compared with the ledger before they are posted: the first import of a report
+    compares nothing (no fee journal yet), a later one compares the journals posted then. So a
+    stored run and its fee journals commit together or not at all. ``period`` overrides the
+    report's own (``[start, end)``). Raises :class:`~payments.ledger.InvalidPosting` for a bad
+    processor name and asyncpg errors.
     """
     window = period if period is not None else _report_period(report)
     ledger = await load_ledger_entries(
         conn, tenant_id, processor, references=report.references(), period=window
     )
     result = reconcile(report, ledger, period=window)
-    return StoredRun(await store_run(conn, tenant_id, processor, source, result), result)
+    async with conn.transaction():
+        fee_journals = await post_report_fees(conn, tenant_id, processor, report, ledger)
+        run_id = await store_run(conn, tenant_id, processor, source, result)
+    return StoredRun(run_id, result, fee_journals)
 
 
 def _report_period(report: ParsedReport) -> tuple[datetime, datetime] | None:

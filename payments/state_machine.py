@@ -170,13 +170,16 @@ class OperationTrigger(enum.StrEnum):
 class PaymentEventType(enum.StrEnum):
     """The ``event_type`` of a ``switchboard.payments.v1.PaymentEvent`` on topic ``payments.events``."""
 
+    PROCESSING = "payment.processing"
     REQUIRES_CAPTURE = "payment.requires_capture"
     SUCCEEDED = "payment.succeeded"
     CAPTURED = "payment.captured"
+    CAPTURE_FAILED = "payment.capture_failed"
     FAILED = "payment.failed"
     UNKNOWN = "payment.unknown"
     CANCELED = "payment.canceled"
     REFUNDED = "payment.refunded"
+    REFUND_FAILED = "payment.refund_failed"
 
 
 _P = PaymentStatus
@@ -411,10 +414,14 @@ def event_type_for(current: PaymentStatus, event: PaymentTrigger) -> PaymentEven
     """The ``payments.events`` event type to publish for ``event`` in ``current``, or None.
 
     ``payment.captured`` for a capture, ``payment.refunded`` for a refund, otherwise
-    one per status reached (``payment.succeeded``, ``payment.requires_capture``,
-    ``payment.failed``, ``payment.unknown``, ``payment.canceled``); None for PROCESSING
-    and for accepted requests that change nothing. The worker does not publish
-    ``payment.failed`` when a failover attempt follows in the same transaction.
+    one per status reached: every payment status change is published
+    (``payment.processing`` when an attempt starts, the failover's included,
+    ``payment.succeeded``, ``payment.requires_capture``, ``payment.failed``,
+    ``payment.unknown``, ``payment.canceled``); None only for accepted requests that
+    change nothing (the self-loops). The worker does not publish ``payment.failed`` when
+    a failover attempt follows in the same transaction (the payment never rests in
+    FAILED: ``payment.processing`` of the new attempt says what happened). A capture or
+    refund that fails leaves the payment as it is: :func:`operation_failed_event_type`.
     Raises :class:`IllegalTransition` like :func:`next_status`.
     """
     to = next_status(current, event)
@@ -427,8 +434,21 @@ def event_type_for(current: PaymentStatus, event: PaymentTrigger) -> PaymentEven
     return _EVENT_TYPE_BY_STATUS.get(to)
 
 
+def operation_failed_event_type(kind: str) -> PaymentEventType:
+    """The event published when a capture (``kind`` ``"capture"``) or refund (``"refund"``) ends
+    FAILED: ``payment.capture_failed`` / ``payment.refund_failed``. The payment's status does not
+    change (a capture may be requested again; the refund's amount is refundable again), but the
+    caller's customer may need to hear about it. Raises ``ValueError`` for another kind."""
+    if kind == "capture":
+        return PaymentEventType.CAPTURE_FAILED
+    if kind == "refund":
+        return PaymentEventType.REFUND_FAILED
+    raise ValueError(f"not an operation kind: {kind!r}")
+
+
 _EVENT_TYPE_BY_STATUS: Final[Mapping[PaymentStatus, PaymentEventType]] = MappingProxyType(
     {
+        _P.PROCESSING: PaymentEventType.PROCESSING,
         _P.REQUIRES_CAPTURE: PaymentEventType.REQUIRES_CAPTURE,
         _P.SUCCEEDED: PaymentEventType.SUCCEEDED,
         _P.FAILED: PaymentEventType.FAILED,

@@ -234,6 +234,9 @@ _CAPTURE_COLUMNS = """id, payment_id, request_id, status, amount_minor, processo
 _REFUND_COLUMNS = """id, payment_id, request_id, status, amount_minor, reason, processor_reference,
     failure_code, failure_message, created_at, updated_at"""
 _TRANSITION_COLUMNS = "payment_id, occurred_at, from_status, to_status, cause, attempt_no, detail"
+_OPERATION_TRANSITION_COLUMNS = (
+    "payment_id, kind, attempt_no, operation_id, occurred_at, from_status, to_status, cause, detail"
+)
 
 #: A selected row, or a dict with the same keys (for answers built before they are written).
 Row: TypeAlias = "asyncpg.Record | Mapping[str, Any]"
@@ -284,6 +287,7 @@ def _payment_message(
     captures: Sequence[Row] = (),
     refunds: Sequence[Row] = (),
     transitions: Sequence[Row] = (),
+    operation_transitions: Sequence[Row] = (),
 ) -> payments_pb2.Payment:
     payment = payments_pb2.Payment(
         payment_id=str(row.id),
@@ -309,6 +313,10 @@ def _payment_message(
     )
     if row.cancel_requested_at is not None:
         payment.cancel_request_time.CopyFrom(_timestamp(row.cancel_requested_at))
+    history: dict[tuple[str, object], list[Row]] = {}
+    for t in operation_transitions:
+        key = ("attempt", t["attempt_no"]) if t["kind"] == "attempt" else (t["kind"], t["operation_id"])
+        history.setdefault(key, []).append(t)
     for a in attempts:
         payment.attempts.add(
             attempt_no=a["attempt_no"],
@@ -320,14 +328,46 @@ def _payment_message(
             failure_message=a["failure_message"],
             start_time=_timestamp(a["started_at"]),
             update_time=_timestamp(a["updated_at"]),
+            transitions=[
+                payments_pb2.AttemptTransition(
+                    **_operation_transition_fields(t, ATTEMPT_STATUS_PROTO, AttemptStatus)
+                )
+                for t in history.get(("attempt", a["attempt_no"]), [])
+            ],
         )
-    payment.captures.extend(_capture_message(c) for c in captures)
-    payment.refunds.extend(_refund_message(r) for r in refunds)
+    payment.captures.extend(_capture_message(c, history.get(("capture", c["id"]), [])) for c in captures)
+    payment.refunds.extend(_refund_message(r, history.get(("refund", r["id"]), [])) for r in refunds)
     payment.transitions.extend(_transition_message(t) for t in transitions)
     return payment
 
 
-def _capture_message(c: Row) -> payments_pb2.Capture:
+_S = TypeVar("_S", AttemptStatus, CaptureStatus, RefundStatus)
+
+
+def _operation_transition_fields(t: Row, protos: Mapping[_S, int], status_type: type[_S]) -> dict[str, Any]:
+    """The fields of an ``AttemptTransition`` / ``CaptureTransition`` / ``RefundTransition``."""
+    from_status = t["from_status"]
+    return {
+        "time": _timestamp(t["occurred_at"]),
+        "from_status": protos[status_type(from_status)] if from_status is not None else 0,
+        "to_status": protos[status_type(t["to_status"])],
+        "cause": str(t["cause"]),
+        "detail": str(t["detail"]),
+    }
+
+
+def _created_transition(status: CaptureStatus | RefundStatus, at: datetime) -> dict[str, Any]:
+    """The first history row of an operation created now (for answers built before the read)."""
+    return {
+        "occurred_at": at,
+        "from_status": None,
+        "to_status": status.value,
+        "cause": "created",
+        "detail": "",
+    }
+
+
+def _capture_message(c: Row, transitions: Sequence[Row] = ()) -> payments_pb2.Capture:
     return payments_pb2.Capture(
         capture_id=str(c["id"]),
         payment_id=str(c["payment_id"]),
@@ -339,10 +379,16 @@ def _capture_message(c: Row) -> payments_pb2.Capture:
         failure_message=str(c["failure_message"]),
         create_time=_timestamp(c["created_at"]),
         update_time=_timestamp(c["updated_at"]),
+        transitions=[
+            payments_pb2.CaptureTransition(
+                **_operation_transition_fields(t, CAPTURE_STATUS_PROTO, CaptureStatus)
+            )
+            for t in transitions
+        ],
     )
 
 
-def _refund_message(r: Row) -> payments_pb2.Refund:
+def _refund_message(r: Row, transitions: Sequence[Row] = ()) -> payments_pb2.Refund:
     return payments_pb2.Refund(
         refund_id=str(r["id"]),
         payment_id=str(r["payment_id"]),
@@ -355,6 +401,12 @@ def _refund_message(r: Row) -> payments_pb2.Refund:
         failure_message=str(r["failure_message"]),
         create_time=_timestamp(r["created_at"]),
         update_time=_timestamp(r["updated_at"]),
+        transitions=[
+            payments_pb2.RefundTransition(
+                **_operation_transition_fields(t, REFUND_STATUS_PROTO, RefundStatus)
+            )
+            for t in transitions
+        ],
     )
 
 
@@ -380,7 +432,8 @@ def _transition_message(t: Row) -> payments_pb2.PaymentTransition:
 async def _children(
     conn: asyncpg.Pool | Connection, tenant_id: uuid.UUID, payment_ids: list[uuid.UUID]
 ) -> dict[str, dict[uuid.UUID, list[asyncpg.Record]]]:
-    """attempts, captures, refunds and transitions of ``payment_ids``, each oldest first."""
+    """attempts, captures, refunds, transitions and operation transitions of ``payment_ids``,
+    each oldest first."""
     where = "WHERE payment_id = ANY ($1::uuid[]) AND tenant_id = $2"
     # Column lists and table names are constants of this module; the values are bound.
     queries = {
@@ -388,6 +441,9 @@ async def _children(
         "captures": f"SELECT {_CAPTURE_COLUMNS} FROM payment_captures {where} ORDER BY created_at, id",  # noqa: S608
         "refunds": f"SELECT {_REFUND_COLUMNS} FROM payment_refunds {where} ORDER BY created_at, id",  # noqa: S608
         "transitions": f"SELECT {_TRANSITION_COLUMNS} FROM payment_transitions {where} ORDER BY id",  # noqa: S608
+        "operation_transitions": (
+            f"SELECT {_OPERATION_TRANSITION_COLUMNS} FROM payment_operation_transitions {where} ORDER BY id"  # noqa: S608
+        ),
     }
     found: dict[str, dict[uuid.UUID, list[asyncpg.Record]]] = {}
     for name, sql in queries.items():
@@ -411,6 +467,7 @@ async def _messages(
             children["captures"][r.id],
             children["refunds"][r.id],
             children["transitions"][r.id],
+            children["operation_transitions"][r.id],
         )
         for r in rows
     ]
@@ -420,7 +477,8 @@ async def get_payment(
     conn: asyncpg.Pool | Connection, tenant_id: uuid.UUID, payment_id: uuid.UUID
 ) -> payments_pb2.Payment | None:
     """Payment ``payment_id`` of ``tenant_id`` with its attempts, captures, refunds and
-    transitions (each oldest first), or ``None``; another tenant's payment is ``None`` too."""
+    transitions (each oldest first; attempts, captures and refunds with their own status
+    history), or ``None``; another tenant's payment is ``None`` too."""
     record = await conn.fetchrow(
         f"SELECT {_PAYMENT_COLUMNS} FROM payments WHERE id = $1 AND tenant_id = $2",  # noqa: S608
         payment_id,
@@ -568,6 +626,69 @@ async def record_transition(
     await notify_payment_changed(conn, payment_id)
 
 
+#: The ``cause`` of an operation's first transition (``None`` -> PENDING).
+CREATED_CAUSE: Final = "created"
+
+OperationStatus: TypeAlias = AttemptStatus | CaptureStatus | RefundStatus
+
+
+async def record_operation_transition(
+    conn: Connection,
+    tenant_id: uuid.UUID,
+    payment_id: uuid.UUID,
+    from_status: OperationStatus | None,
+    to_status: OperationStatus,
+    cause: OperationTrigger | None,
+    *,
+    attempt_no: int = 0,
+    operation_id: uuid.UUID | None = None,
+    detail: str = "",
+    occurred_at: datetime | None = None,
+) -> None:
+    """Append one status change of an attempt, capture or refund to ``payment_operation_transitions``
+    (migration 0017), in the caller's transaction (which changes the operation under the payment's
+    row lock).
+
+    An attempt is named by ``attempt_no`` (>= 1), a capture or refund by ``operation_id``; the
+    kind follows from the status type. ``from_status`` None with ``cause`` None records the
+    creation (cause ``created``); otherwise ``to_status`` must be what
+    :func:`payments.state_machine.next_status` gives for ``(from_status, cause)`` and differ from
+    it. ``detail`` is clipped to 1,000 characters; ``occurred_at`` defaults to the transaction's
+    ``now()``. Raises ``ValueError`` for an inconsistent
+    change (and ``IllegalTransition`` for one the state machine refuses).
+    """
+    kind = {AttemptStatus: "attempt", CaptureStatus: "capture", RefundStatus: "refund"}[type(to_status)]
+    if (kind == "attempt") != (operation_id is None) or (kind == "attempt") != (attempt_no >= 1):
+        raise ValueError("an attempt is named by attempt_no, a capture or refund by operation_id")
+    if from_status is None:
+        if cause is not None:
+            raise ValueError("an operation's creation has no trigger")
+    else:
+        if cause is None or type(from_status) is not type(to_status):
+            raise ValueError("a status change needs a trigger and statuses of one machine")
+        expected = next_status(from_status, cause)
+        if expected is not to_status or to_status is from_status:
+            raise ValueError(
+                f"{cause.value} leads from {from_status.value} to {expected.value}, not {to_status}"
+            )
+    await conn.execute(
+        """INSERT INTO payment_operation_transitions
+               (tenant_id, payment_id, kind, attempt_no, operation_id, from_status, to_status, cause, detail,
+                occurred_at)
+           VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, coalesce($10, now()))""",
+        tenant_id,
+        payment_id,
+        kind,
+        attempt_no,
+        operation_id,
+        None if from_status is None else from_status.value,
+        to_status.value,
+        CREATED_CAUSE if cause is None else cause.value,
+        detail[:1000],
+        occurred_at,
+    )
+
+
 async def start_attempt(
     conn: Connection,
     payment: PaymentRow,
@@ -615,6 +736,16 @@ async def start_attempt(
         attempt_no,
         processor,
         lookup_after_s,
+    )
+    await record_operation_transition(
+        conn,
+        payment.tenant_id,
+        payment.id,
+        None,
+        AttemptStatus.PENDING,
+        None,
+        attempt_no=attempt_no,
+        detail=detail,
     )
     await conn.execute(
         """UPDATE payments SET processor = $3, processor_reference = '', failure_code = '',
@@ -670,8 +801,13 @@ async def finish_attempt(
     )
     if current is None:
         raise LookupError(f"payment {payment_id} has no attempt {attempt_no}")
-    status = next_status(AttemptStatus(current), event)
+    before = AttemptStatus(current)
+    status = next_status(before, event)
     lookup = (next_lookup_at or datetime.now(UTC)) if status is AttemptStatus.UNKNOWN else None
+    if status is not before:
+        await record_operation_transition(
+            conn, tenant_id, payment_id, before, status, event, attempt_no=attempt_no, detail=failure_message
+        )
     await conn.execute(
         """UPDATE payment_attempts
               SET status = $4, processor_reference = coalesce($5, processor_reference),
@@ -729,23 +865,26 @@ t AS (
     SELECT $1, p.id, $17, NULL, 'requires_processing', 'created' FROM p
 ),
 o AS (
-    INSERT INTO outbox (topic, key, payload, created_at)
-    SELECT $18, $19, $20, $17 FROM p
+    INSERT INTO outbox (topic, key, payload, created_at, payment_operation_id)
+    SELECT $18, $19, $20, $17, p.id FROM p
 )
 SELECT EXISTS (SELECT 1 FROM k) AS inserted,
        CASE WHEN EXISTS (SELECT 1 FROM k) THEN pg_notify($21, '') END AS notified"""  # noqa: S608
 
 
-def _command(
+def payment_command(
     kind: events_pb2.PaymentCommandKind.ValueType,
     tenant_id: uuid.UUID,
     payment_id: uuid.UUID,
     request_id: str,
-    now: datetime,
+    requested_at: datetime,
     *,
     capture_id: uuid.UUID | None = None,
     refund_id: uuid.UUID | None = None,
-) -> bytes:
+) -> events_pb2.PaymentCommand:
+    """A new ``PaymentCommand`` (fresh UUIDv7 ``command_id``) asking the payment worker to do ``kind``
+    for ``payment_id`` (and ``capture_id`` / ``refund_id`` for CAPTURE / REFUND); ``request_id`` and
+    ``requested_at`` (timezone-aware) name the request that asked for it."""
     return events_pb2.PaymentCommand(
         command_id=str(uuid6.uuid7()),
         kind=kind,
@@ -754,30 +893,48 @@ def _command(
         capture_id=str(capture_id) if capture_id else "",
         refund_id=str(refund_id) if refund_id else "",
         request_id=request_id,
-        request_time=_timestamp(now),
-    ).SerializeToString()
+        request_time=_timestamp(requested_at),
+    )
 
 
-async def _enqueue(
+def command_operation_id(command: events_pb2.PaymentCommand) -> uuid.UUID:
+    """The operation ``command`` asks for, stored as ``outbox.payment_operation_id`` (migration 0018):
+    the capture id (CAPTURE), the refund id (REFUND), else the payment id (CREATE, CANCEL).
+    Raises ``ValueError`` for an id that is not a UUID."""
+    if command.kind == events_pb2.PAYMENT_COMMAND_KIND_CAPTURE:
+        return uuid.UUID(command.capture_id)
+    if command.kind == events_pb2.PAYMENT_COMMAND_KIND_REFUND:
+        return uuid.UUID(command.refund_id)
+    return uuid.UUID(command.payment_id)
+
+
+#: Writes one PaymentCommand outbox row and wakes the relay. Columns: topic, key, payload,
+#: available_at (NULL: now), payment_operation_id.
+ENQUEUE_COMMAND_SQL: Final = """
+WITH o AS (INSERT INTO outbox (topic, key, payload, available_at, payment_operation_id)
+           VALUES ($1, $2, $3, coalesce($4, now()), $5) RETURNING 1)
+SELECT pg_notify($6, '') FROM o"""
+
+
+async def enqueue_command(
     conn: Connection,
     topic_prefix: str,
-    tenant_id: uuid.UUID,
-    payment_id: uuid.UUID,
-    command: bytes,
-    now: datetime,
+    command: events_pb2.PaymentCommand,
+    *,
+    available_at: datetime | None = None,
 ) -> None:
-    """Write the command's outbox row; NOTIFY the relay and the payment's watchers."""
+    """Write ``command`` to the transactional outbox in the caller's transaction: topic
+    ``<prefix>payments.commands``, key = the tenant id, ``payment_operation_id`` =
+    :func:`command_operation_id` (what the payment sweeper looks at), due at ``available_at``
+    (default now; the relay publishes it then). NOTIFYs the relay."""
     await conn.execute(
-        """WITH o AS (INSERT INTO outbox (topic, key, payload, created_at)
-                      VALUES ($1, $2, $3, $4) RETURNING 1)
-           SELECT pg_notify($5, ''), pg_notify($6, $7) FROM o""",
+        ENQUEUE_COMMAND_SQL,
         payment_commands_topic(topic_prefix),
-        str(tenant_id).encode("ascii"),
-        command,
-        now,
+        command.tenant_id.encode("ascii"),
+        command.SerializeToString(),
+        available_at,
+        command_operation_id(command),
         OUTBOX_NOTIFY_CHANNEL,
-        PAYMENT_STATUS_CHANNEL,
-        str(payment_id),
     )
 
 
@@ -852,7 +1009,7 @@ async def create_payment(
     response = payments_pb2.CreatePaymentResponse(payment=payment)
     fingerprint = request_fingerprint("CreatePayment", request)
     kind = events_pb2.PAYMENT_COMMAND_KIND_CREATE
-    command = _command(kind, tenant_id, payment_id, request.request_id, now)
+    command = payment_command(kind, tenant_id, payment_id, request.request_id, now).SerializeToString()
     record = await pool.fetchrow(
         _CREATE_SQL,
         tenant_id,
@@ -1024,10 +1181,21 @@ async def capture_payment(
             amount,
             now,
         )
+        await record_operation_transition(
+            conn,
+            tenant_id,
+            payment.id,
+            None,
+            CaptureStatus.PENDING,
+            None,
+            operation_id=capture_id,
+            occurred_at=now,
+        )
         await conn.execute("UPDATE payments SET updated_at = $2 WHERE id = $1", payment.id, now)
         kind = events_pb2.PAYMENT_COMMAND_KIND_CAPTURE
-        command = _command(kind, tenant_id, payment.id, request.request_id, now, capture_id=capture_id)
-        await _enqueue(conn, topic_prefix, tenant_id, payment.id, command, now)
+        command = payment_command(kind, tenant_id, payment.id, request.request_id, now, capture_id=capture_id)
+        await enqueue_command(conn, topic_prefix, command)
+        await notify_payment_changed(conn, payment.id)
         capture = _capture_message(
             {
                 "id": capture_id,
@@ -1040,7 +1208,8 @@ async def capture_payment(
                 "failure_message": "",
                 "created_at": now,
                 "updated_at": now,
-            }
+            },
+            [_created_transition(CaptureStatus.PENDING, now)],
         )
         return payments_pb2.CapturePaymentResponse(capture=capture)
 
@@ -1124,10 +1293,11 @@ async def cancel_payment(
             await record_transition(
                 conn, tenant_id, payment.id, payment.status, to_status, trigger, detail=request.reason
             )
-        command = _command(
+        command = payment_command(
             events_pb2.PAYMENT_COMMAND_KIND_CANCEL, tenant_id, payment.id, request.request_id, now
         )
-        await _enqueue(conn, topic_prefix, tenant_id, payment.id, command, now)
+        await enqueue_command(conn, topic_prefix, command)
+        await notify_payment_changed(conn, payment.id)
         current = await get_payment(conn, tenant_id, payment.id)
         assert current is not None
         return payments_pb2.CancelPaymentResponse(payment=current)
@@ -1206,10 +1376,21 @@ async def refund_payment(
             request.reason,
             now,
         )
+        await record_operation_transition(
+            conn,
+            tenant_id,
+            payment.id,
+            None,
+            RefundStatus.PENDING,
+            None,
+            operation_id=refund_id,
+            occurred_at=now,
+        )
         await conn.execute("UPDATE payments SET updated_at = $2 WHERE id = $1", payment.id, now)
         kind = events_pb2.PAYMENT_COMMAND_KIND_REFUND
-        command = _command(kind, tenant_id, payment.id, request.request_id, now, refund_id=refund_id)
-        await _enqueue(conn, topic_prefix, tenant_id, payment.id, command, now)
+        command = payment_command(kind, tenant_id, payment.id, request.request_id, now, refund_id=refund_id)
+        await enqueue_command(conn, topic_prefix, command)
+        await notify_payment_changed(conn, payment.id)
         refund = _refund_message(
             {
                 "id": refund_id,
@@ -1223,7 +1404,8 @@ async def refund_payment(
                 "failure_message": "",
                 "created_at": now,
                 "updated_at": now,
-            }
+            },
+            [_created_transition(RefundStatus.PENDING, now)],
         )
         return payments_pb2.RefundPaymentResponse(refund=refund)
 

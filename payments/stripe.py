@@ -19,6 +19,9 @@ lists as ``key[0]=...``), see :func:`encode_form`. Calls:
 operation           request                                                 docs
 ==================  =====================================================  ==========================
 create_charge       ``POST /v1/payment_intents`` (confirm=true)             /api/payment_intents/create
+confirm             ``POST /v1/payment_intents/{id}/confirm``               /api/payment_intents/confirm
+                    (``payment_method``, ``return_url``; not used to
+                    charge: see :meth:`StripeProcessor.confirm`)
 capture             ``POST /v1/payment_intents/{id}/capture``               /api/payment_intents/capture
                     (``amount_to_capture``)
 cancel              ``POST /v1/payment_intents/{id}/cancel``                /api/payment_intents/cancel
@@ -499,9 +502,57 @@ class StripeProcessor:
         intent = await self._call(
             "POST", "/v1/payment_intents", form=form, idempotency_key=request.idempotency_key
         )
+        return await self._confirmed(intent, request.idempotency_key)
+
+    async def confirm(
+        self,
+        processor_reference: str,
+        idempotency_key: str,
+        *,
+        payment_method: str | None = None,
+        return_url: str | None = None,
+    ) -> ProcessorPayment:
+        """Confirm an existing PaymentIntent: Stripe attempts the payment with its payment method, or
+        with ``payment_method`` (a ``pm_...`` to attach first).
+
+        ``POST /v1/payment_intents/{id}/confirm`` (https://docs.stripe.com/api/payment_intents/confirm),
+        form-encoded with ``payment_method`` and ``return_url`` when given, under
+        ``idempotency_key`` (1-255 characters; a key of its own: Stripe refuses a key used on another
+        endpoint). Stripe confirms a PaymentIntent in ``requires_payment_method`` (a new
+        payment method is needed, e.g. after a decline), ``requires_confirmation`` or
+        ``requires_action``, and answers 400 ``payment_intent_unexpected_state`` in any other status
+        (a :class:`PermanentProcessorError`); with automatic payment methods that allow redirects it
+        needs ``return_url``. The answer is handled as :meth:`create_charge` handles its own:
+        SUCCEEDED, REQUIRES_CAPTURE or PROCESSING is returned; a decline raises :class:`Declined`;
+        ``requires_action`` is abandoned (canceled, key ``<idempotency_key>:abandon``) and declined
+        ``authentication_required``; errors are classified per the module table.
+
+        **When it is used.** Not in the charge path: :meth:`create_charge` creates and confirms in
+        ONE request (``confirm=true``, which Stripe documents as the same as create then confirm), so
+        a charge attempt is exactly one request under one idempotency key
+        ``{payment_id}_{attempt_no}`` -- the recovery point the worker resends and the janitor looks
+        up. A separate confirm would add a state (created, not confirmed) whose lost answer would
+        need a second key and a second lookup. This method is for PaymentIntents created unconfirmed
+        elsewhere (``requires_confirmation``, e.g. Stripe's manual confirmation flow, where the
+        server confirms after the customer's authentication) and for trying a new payment method on
+        one left ``requires_payment_method``; the janitor never calls it (a lookup must not charge).
+        """
+        path = f"/v1/payment_intents/{_intent_id(processor_reference)}/confirm"
+        if payment_method is not None and not payment_method:
+            raise PermanentProcessorError(
+                "payment_method must not be empty; not sent", code="invalid_payment_method"
+            )
+        form: dict[str, FormValue] = {"payment_method": payment_method, "return_url": return_url}
+        intent = await self._call("POST", path, form=form, idempotency_key=idempotency_key)
+        return await self._confirmed(intent, idempotency_key)
+
+    async def _confirmed(self, intent: Mapping[str, Any], idempotency_key: str) -> ProcessorPayment:
+        """A PaymentIntent just confirmed (by create with ``confirm=true`` or by confirm): returned when
+        charged, authorized or processing; abandoned if it waits for customer authentication; a
+        :class:`Declined` when it did not charge."""
         payment = self._payment(intent, mutating=True)
         if intent.get("status") == "requires_action":
-            payment = await self._abandon(payment.processor_reference, request.idempotency_key)
+            payment = await self._abandon(payment.processor_reference, idempotency_key)
         if payment.status in (ProcessorStatus.FAILED, ProcessorStatus.CANCELED):
             raise Declined(
                 f"Stripe did not charge {payment.processor_reference}: {payment.message}",

@@ -414,10 +414,7 @@ def parse_list_request(request: payments_pb2.ListPaymentsRequest) -> PaymentList
         violations.append(
             _violation("customer_reference", f"at most {CUSTOMER_REFERENCE_MAX_CHARS} characters")
         )
-    created_after = pagination.time_bound(request, "create_time_after", violations)
-    created_before = pagination.time_bound(request, "create_time_before", violations)
-    if created_after is not None and created_before is not None and created_before <= created_after:
-        violations.append(_violation("create_time_before", "must be later than create_time_after"))
+    created_after, created_before = pagination.create_time_range(request, violations)
     query = PaymentListQuery(
         page_size=request.page_size or PAGE_SIZE_DEFAULT,
         status=status,

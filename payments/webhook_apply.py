@@ -543,11 +543,12 @@ async def _lock_refund(conn: Connection, payment: store.PaymentRow, refund_id: u
 
 
 async def _op_failed(
-    conn: Connection, payment: store.PaymentRow, op: Operation, n: ProcessorNotification
+    conn: Connection, ctx: ApplyContext, payment: store.PaymentRow, op: Operation, n: ProcessorNotification
 ) -> Applied:
     """The open (PROCESSING or UNKNOWN) capture or refund ``op`` failed at the processor."""
     await record_operation_failed(
         conn,
+        ctx,
         payment,
         op,
         n.failure_code or f"{op.kind}_failed",
@@ -622,7 +623,7 @@ async def _capture(
         if payment.status is not _P.REQUIRES_CAPTURE:
             return _operator(payment, n, f"capture {status} but payment {payment.status.value}")
         if not n.success:
-            return await _op_failed(conn, payment, op, n)
+            return await _op_failed(conn, ctx, payment, op, n)
         return await _op_succeeded(conn, ctx, payment, op, n)
     return await _op_not_open(conn, ctx, payment, op, n)
 
@@ -674,7 +675,7 @@ async def _refund(
         return _already(payment, f"refund {op.id} still pending at the processor")
     if status in _OPEN_OPS:
         if not n.success:
-            return await _op_failed(conn, payment, op, n)
+            return await _op_failed(conn, ctx, payment, op, n)
         try:
             next_status(payment.status, PaymentTrigger.REFUND_SUCCEEDED)
         except IllegalTransition:

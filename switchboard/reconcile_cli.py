@@ -10,9 +10,13 @@ Reads the report (a progress bar on stderr follows the bytes read), loads the
 tenant's journals on ``processor_clearing:<processor>`` from PostgreSQL
 (``SWITCHBOARD_DATABASE_URL``), matches them (payments/reconciliation.py
 documents the rules), stores the run in ``reconciliation_runs`` /
-``reconciliation_items`` and prints a summary: counts per outcome, fees per
-currency, skipped row types, and the discrepancies (``--limit`` of them; all
-are stored). ``--format json`` prints one JSON document on stdout instead.
+``reconciliation_items``, posts the report's fees as ledger fee journals (once
+per fee reference: importing a report again posts nothing more; they commit
+with the run) and prints a summary: counts per outcome, fees per currency
+(compared with the fee journals the ledger had before this run), the fee
+journals posted, skipped row types, and the discrepancies (``--limit`` of
+them; all are stored). ``--format json`` prints one JSON document on stdout
+instead.
 
 Exit codes: 0 everything matched and the fees agree, 1 discrepancies (the run
 is stored), 2 bad input: unreadable or malformed report (the message names
@@ -142,6 +146,13 @@ def result_json(run: StoredRun, tenant_name: str, processor: str) -> dict[str, A
             }
             for fee in result.fees
         ],
+        "fee_journals": {
+            "posted": run.fee_journals.posted,
+            "posted_minor": dict(run.fee_journals.posted_minor),
+            "already_posted": run.fee_journals.already_posted,
+            "conflicting": run.fee_journals.conflicting,
+            "without_reference": run.fee_journals.without_reference,
+        },
         "skipped": dict(result.skipped),
         "discrepancies": [_item_json(i) for i in result.items if i.outcome is not Outcome.MATCHED],
     }
@@ -178,6 +189,15 @@ def _print_tables(run: StoredRun, tenant_name: str, processor: str, limit: int) 
             difference = "" if fee.ok else f"[red]{fee.difference_minor:+d}[/red]"
             fees.add_row(fee.currency, str(fee.report_minor), ledger, difference)
         console.print(fees)
+    posted = run.fee_journals
+    if posted.posted or posted.already_posted or posted.conflicting or posted.without_reference:
+        amounts = ", ".join(f"{amount} {currency}" for currency, amount in posted.posted_minor) or "nothing"
+        console.print(
+            f"fee journals: {posted.posted} posted ({amounts}), {posted.already_posted} already posted, "
+            f"{posted.conflicting} conflicting, {posted.without_reference} without a reference (not posted)",
+            highlight=False,
+            soft_wrap=True,
+        )
 
     problems = [i for i in result.items if i.outcome is not Outcome.MATCHED]
     if problems and limit > 0:

@@ -98,9 +98,16 @@ class Settings(BaseSettings):
     )
     relay_poll_interval_ms: int = Field(default=200, ge=1, description="poll when no NOTIFY arrives")
     relay_error_backoff_ms: int = Field(default=500, ge=1)
-    relay_sweep_interval_s: float = Field(default=10.0, gt=0, description="how often the sweeper runs")
+    relay_sweep_interval_s: float = Field(
+        default=10.0, gt=0, description="how often the sweepers run (deliveries and payment commands)"
+    )
     relay_sweep_after_s: float = Field(
         default=120.0, gt=0, description="re-publish deliveries unfinished this long after their last publish"
+    )
+    payment_sweep_after_s: float = Field(
+        default=120.0,
+        gt=0,
+        description="re-publish a PaymentCommand whose operation is unfinished this long after its publish",
     )
 
     # Channel workers.

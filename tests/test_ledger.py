@@ -29,6 +29,7 @@ from payments.ledger import (
     InvalidPosting,
     Journal,
     JournalKind,
+    JournalRequest,
     NotInTransaction,
     Posting,
     UnbalancedJournal,
@@ -40,6 +41,7 @@ from payments.ledger import (
     find_journal,
     payment_journals,
     post_journal,
+    post_journals,
     refund_postings,
     validate_postings,
 )
@@ -863,3 +865,45 @@ async def test_cli_verify_and_balance(
     unknown = await ledger_cli(database_url, "verify", "--tenant", "nobody")
     assert unknown.returncode == 2
     assert "no tenant 'nobody'" in unknown.stdout
+
+
+# --- many journals at once --------------------------------------------------------------------------
+
+
+async def test_post_journals_appends_a_batch_to_the_chain_with_replays_and_conflicts(
+    pool: asyncpg.Pool, tenant: TenantCredentials
+) -> None:
+    fee_a = fee_postings("stripe", 10, "EUR")
+    first = await post(pool, tenant.tenant_id, "fee:a", fee_a, kind=JournalKind.FEE)
+    requests = [
+        JournalRequest(JournalKind.FEE, None, "b", "fee:b", fee_postings("stripe", 20, "EUR")),
+        JournalRequest(JournalKind.FEE, None, "", "fee:a", fee_postings("stripe", 10, "EUR")),  # the same
+        JournalRequest(JournalKind.FEE, None, "", "fee:a2", fee_postings("stripe", 30, "USD")),
+        JournalRequest(JournalKind.FEE, None, "", "fee:a", fee_postings("stripe", 99, "EUR")),  # not the same
+    ]
+    with pytest.raises(InvalidPosting, match="appears twice"):
+        async with pool.acquire() as conn, conn.transaction():
+            await post_journals(conn, tenant.tenant_id, requests)
+    del requests[3]
+    async with pool.acquire() as conn, conn.transaction():
+        results = await post_journals(conn, tenant.tenant_id, requests)
+        conflict = await post_journals(
+            conn,
+            tenant.tenant_id,
+            [JournalRequest(JournalKind.FEE, None, "", "fee:a", fee_postings("stripe", 99, "EUR"))],
+        )
+    b, a, a2 = results
+    assert isinstance(b, Journal)
+    assert isinstance(a, Journal)
+    assert isinstance(a2, Journal)
+    assert (b.sequence, a2.sequence) == (2, 3)  # new journals in request order, after the head
+    assert (a.replayed, a.id) == (True, first.id)
+    assert b.prev_hash == first.hash
+    assert a2.prev_hash == b.hash
+    assert isinstance(conflict[0], IdempotencyConflict)
+    assert (await verify_chain(pool, tenant.tenant_id)).ok
+    stored = await find_journal(pool, tenant.tenant_id, "fee:a2")
+    assert stored is not None
+    assert (stored.postings, stored.hash) == (a2.postings, a2.hash)
+    async with pool.acquire() as conn, conn.transaction():
+        assert await post_journals(conn, tenant.tenant_id, []) == []

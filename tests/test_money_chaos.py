@@ -15,10 +15,21 @@ this process; the payment worker (with its janitor) is a separate OS process
 - **Faults** on charge requests at the processor: the answer lost after the
   charge (``lost_response``), answers slower than the Stripe client's 30 s
   timeout (the charge happens after the client gave up), HTTP 500,
-  connection resets, malformed answers and 429s.
+  connection resets, malformed answers and 429s. The same-key payment's sends
+  only get the faults that strike after the charge (lost answer, slow answer):
+  a fault before it (500, reset, malformed, 429 three times) would rightly end
+  it FAILED after the lookup finds nothing, and the test wants one outcome for
+  it, SUCCEEDED with exactly one charge.
+- **The broker** (this test's own Tansu, memory storage) is SIGKILLed once
+  during phase B and started again empty: topics, committed offsets and every
+  command not yet consumed are gone. The relay's payment sweeper
+  (``SWITCHBOARD_PAYMENT_SWEEP_AFTER_S``, 40 s here: longer than a slow
+  processor call holds a command in the worker) publishes the lost commands
+  again, and the worker's idempotency absorbs the copies.
 
 Then, once every payment is final (bounded wait; UNKNOWN ones are resolved by
-the janitor's lookup): every ``request_id`` has exactly one payment; the fake
+the janitor's lookup): every ``request_id`` has exactly one payment, the
+same-key one SUCCEEDED with exactly one charge; the fake
 recorded at most one charge per payment, exactly one for each SUCCEEDED one
 and none for a FAILED one; each ledger journal balances; every processor
 clearing balance equals what the fake captured, per currency; ``verify_chain``
@@ -48,11 +59,12 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
 
 import asyncpg
 import grpc
@@ -64,6 +76,7 @@ from gateway.server import Gateway, start_gateway
 from payments.janitor import JANITOR_LEASE_S
 from payments.ledger import account_balances
 from payments.ledger_verify import BreakReason, verify_chain
+from switchboard.embedded import EmbeddedKafka, free_port
 from switchboard.fakes.http import Fault
 from switchboard.fakes.stripe import FakeStripe
 from switchboard.payments.v1 import payments_pb2, payments_pb2_grpc
@@ -108,6 +121,17 @@ FAULTS: tuple[tuple[str, float], ...] = (
     ("malformed", 0.02),
     ("rate_limited", 0.03),
 )
+#: The faults that strike after the charge was made (the answer is lost or late): the only ones the
+#: same-key payment's sends get, so that it ends SUCCEEDED whatever the plan.
+AFTER_THE_CHARGE = frozenset({"lost_response", "slow"})
+#: Metadata marking the same-key payment's charge requests at the fake.
+SAME_KEY_MARK = ("money_chaos", "same-key")
+#: The relay's payment sweeper deadline here: longer than a slow processor call (31.5 s) can hold a
+#: consumed command back in the worker, so a copy is only made for a command the broker lost.
+PAYMENT_SWEEP_AFTER_S = 40.0
+#: Phase B wave before which the broker is killed (seeded in this range), and how long it stays down.
+BROKER_KILL_WAVES = (2, 6)
+BROKER_DOWN_S = (1.0, 4.0)
 CURRENCIES = ("EUR", "USD", "JPY", "GBP")
 DECLINING_TOKEN = "pm_card_chargeDeclined"
 WORKER_SETTINGS = {
@@ -148,13 +172,22 @@ class ChaosStripe(FakeStripe):
         self.charge_requests = 0
         self.in_flight = 0
         self.injected: Counter[str] = Counter()
+        #: Faults of the same-key payment's sends: injected, and spared (struck before the charge).
+        self.same_key_faults: Counter[str] = Counter()
 
-    def _draw(self) -> Fault | None:
-        """The next charge request's fault from the seeded plan (None: answered normally)."""
+    def _draw(self, *, after_the_charge_only: bool) -> Fault | None:
+        """The next charge request's fault from the seeded plan (None: answered normally). With
+        ``after_the_charge_only`` a planned fault that would strike before the charge is spared
+        (the plan still advances, so a seed replays the same plan)."""
         roll = self._rng.random()
         for kind, probability in FAULTS:
             if roll < probability:
+                if after_the_charge_only and kind not in AFTER_THE_CHARGE:
+                    self.same_key_faults[f"{kind} (spared)"] += 1
+                    return None
                 self.injected[kind] += 1
+                if after_the_charge_only:
+                    self.same_key_faults[kind] += 1
                 return _fault(kind)
             roll -= probability
         return None
@@ -163,7 +196,9 @@ class ChaosStripe(FakeStripe):
         """Queue this charge request's planned fault (if any), then apply the queue as usual."""
         if request.method == "POST" and request.path == "/v1/payment_intents" and not self.faults:
             self.charge_requests += 1
-            fault = self._draw()
+            form = dict(parse_qsl((await request.read()).decode("utf-8", "replace")))
+            same_key = form.get(f"metadata[{SAME_KEY_MARK[0]}]") == SAME_KEY_MARK[1]
+            fault = self._draw(after_the_charge_only=same_key)
             if fault is not None:
                 self.faults.append(fault)
         return await super().apply_faults(request)
@@ -297,6 +332,38 @@ async def run_monkey(
         worker.start()
 
 
+@dataclass
+class BrokerKill:
+    """The broker's SIGKILL: when (s since the start), how long it was down, and the commands
+    the relay had published by then."""
+
+    at_s: float = 0.0
+    downtime_s: float = 0.0
+    published_before: int = 0
+
+
+async def kill_broker(
+    broker: EmbeddedKafka, downtime_s: float, started: float, relay: OutboxRelay, record: BrokerKill
+) -> None:
+    """SIGKILL the broker (memory storage: everything it held is gone) and start it again, empty,
+    after ``downtime_s``; the port may take a moment to be free again."""
+    record.at_s = time.monotonic() - started
+    record.published_before = relay.published
+    await asyncio.to_thread(broker.kill)
+    log(f"SIGKILL broker at {record.at_s:.1f} s ({relay.published} outbox rows published so far)")
+    await asyncio.sleep(downtime_s)
+    for attempt in range(20):
+        try:
+            await asyncio.to_thread(broker.start)
+            break
+        except (RuntimeError, TimeoutError):
+            if attempt == 19:
+                raise
+            await asyncio.sleep(0.5)
+    record.downtime_s = time.monotonic() - started - record.at_s
+    log(f"broker back, empty, after {record.downtime_s:.1f} s")
+
+
 # --- the clients ---------------------------------------------------------------------------------
 
 
@@ -426,6 +493,10 @@ async def wait_until_final(
         await asyncio.sleep(0.25)
 
 
+async def _broker_back(record: BrokerKill) -> bool:
+    return record.downtime_s > 0
+
+
 async def tamper(pool: asyncpg.Pool, sql: str, *args: Any) -> str:
     """Run ``sql`` as the superuser with the ledger's triggers switched off."""
     async with pool.acquire() as conn:
@@ -479,6 +550,15 @@ def print_figures(figures: dict[str, Any]) -> str:
 
 
 @pytest.fixture
+def kafka() -> Iterator[EmbeddedKafka]:
+    """A broker of this test's own (it is SIGKILLed and started again, empty, mid-run)."""
+    broker = EmbeddedKafka(free_port())
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture
 async def own_pool(settings: Settings) -> AsyncIterator[asyncpg.Pool]:
     """A pool big enough for 1,000 concurrent calls queueing for it, the relay and the checks."""
     created = await asyncpg.create_pool(settings.require_database_url(), min_size=2, max_size=30)
@@ -494,6 +574,7 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
     tenant: TenantCredentials,
     key_ring: MasterKeyRing,
     tmp_path: Path,
+    kafka: EmbeddedKafka,
     report_figures: Callable[[str, str], None],
 ) -> None:
     pool = own_pool
@@ -511,19 +592,30 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
     worker = WorkerProcess(env, tmp_path)
     kills: list[Kill] = []
     calls = Calls()
-    same_key = create_request(request_id=f"money-chaos-{seed}-same-key", amount_minor=4242, currency="EUR")
+    same_key = create_request(
+        request_id=f"money-chaos-{seed}-same-key",
+        amount_minor=4242,
+        currency="EUR",
+        metadata=dict([SAME_KEY_MARK]),
+    )
     distinct = distinct_requests(traffic_rng, seed)
     lose = [traffic_rng.random() < SHORT_DEADLINE_SHARE for _ in range(SAME_KEY_CALLS + SAME_KEY_RETRIES)]
     lose_distinct = [traffic_rng.random() < 3 * SHORT_DEADLINE_SHARE for _ in range(DISTINCT_PAYMENTS)]
     wave_gaps = [traffic_rng.uniform(1.0, 3.0) for _ in range(WAVES)]
+    broker_wave = kill_rng.randint(*BROKER_KILL_WAVES)
+    broker_down_s = kill_rng.uniform(*BROKER_DOWN_S)
+    broker_kill = BrokerKill()
     rescued: list[uuid.UUID] = []
+    relay_settings = settings.model_copy(
+        update={"payment_sweep_after_s": PAYMENT_SWEEP_AFTER_S, "relay_sweep_interval_s": 1.0}
+    )
     async with contextlib.AsyncExitStack() as stack:
         await stripe.start()
         stack.push_async_callback(stripe.stop)
         await use_stripe(pool, key_ring, tenant.tenant_id, stripe)
         gateway: Gateway = await start_gateway(pool, settings, key_ring, "127.0.0.1:0")
         stack.push_async_callback(gateway.stop, 1.0)
-        relay = OutboxRelay(pool, settings)
+        relay = OutboxRelay(pool, relay_settings)
         relaying = asyncio.create_task(relay.run())
 
         async def stop_relay() -> None:
@@ -549,6 +641,11 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
         async def phase_b() -> None:
             per_wave = DISTINCT_PAYMENTS // WAVES
             for wave, gap in enumerate(wave_gaps):
+                if wave == broker_wave:  # the broker dies with this wave's commands on their way
+                    killing = asyncio.create_task(
+                        kill_broker(kafka, broker_down_s, started, relay, broker_kill)
+                    )
+                    stack.push_async_callback(cancel, killing)
                 numbered = list(enumerate(distinct))[wave * per_wave : (wave + 1) * per_wave]
                 await asyncio.gather(
                     *(
@@ -569,6 +666,7 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
         await timed(figures, "phase B s (300 calls, 100 payments)", phase_b())
         log(f"phase B done: {dict(calls.codes)}")
         await asyncio.wait_for(asyncio.shield(monkey), 120)
+        await wait_for(lambda: _broker_back(broker_kill), timeout_s=60)
         last_kill = kills[-1].reaped_at if kills else None
         await timed(
             figures, "wait for final statuses s", wait_until_final(pool, tenant.tenant_id, last_kill, rescued)
@@ -585,6 +683,7 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
     by_request: dict[str, list[asyncpg.Record]] = defaultdict(list)
     for row in payments:
         by_request[row["request_id"]].append(row)
+    (same_row,) = by_request[same_key.request_id]  # exactly one payment for the 1,500 calls
     statuses = Counter(row["status"] for row in payments)
     charges = stripe.charges_by_payment()
     causes = Counter(
@@ -651,6 +750,19 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
             "charges recorded at Stripe": len(stripe.charges),
             "captured charges at Stripe": len(stripe.captured_charges()),
             "payments with >1 charge": sum(1 for found in charges.values() if len(found) > 1),
+            "same-key payment: status, charges at Stripe": (
+                same_row["status"],
+                len(charges.get(str(same_row["id"]), [])),
+            ),
+            "  faults planned for its sends (spared: before the charge)": dict(
+                sorted(stripe.same_key_faults.items())
+            ),
+            "broker SIGKILL (at s, down s, outbox rows published before)": (
+                round(broker_kill.at_s, 1),
+                round(broker_kill.downtime_s, 1),
+                broker_kill.published_before,
+            ),
+            "payment commands swept back (lost with the broker, or held back)": relay.swept_payment_commands,
             "worker SIGKILLs": len(kills),
             "kills (at s, down s, charges in flight, charge requests so far)": [
                 (round(k.at_s, 1), round(k.downtime_s, 1), k.in_flight, k.charge_requests) for k in kills
@@ -696,6 +808,15 @@ async def test_money_chaos_never_charges_twice_and_the_ledger_verifies(
         assert len(rows) == 1, (request_id, rows)
         assert calls.ids[request_id] == {str(rows[0]["id"])}, request_id
     assert sum(calls.answered_statuses[same_key.request_id].values()) == SAME_KEY_CALLS + SAME_KEY_RETRIES
+    # The same-key payment: charged, exactly once, for its amount.
+    assert same_row["status"] == "succeeded", same_row
+    (same_charge,) = charges[str(same_row["id"])]
+    assert same_charge["captured"]
+    assert same_charge["amount_captured"] == 4242
+    assert same_charge["payment_intent"] == same_row["processor_reference"]
+    # The broker was killed mid-run, came back empty, and nothing was lost.
+    assert broker_kill.at_s > 0
+    assert broker_kill.downtime_s > 0
     # The first answer is replayed, even after the payment moved on.
     assert set(calls.answered_statuses[same_key.request_id]) == {"PAYMENT_STATUS_REQUIRES_PROCESSING"}
     # Money: at most one charge per payment; exactly one per SUCCEEDED payment, none per FAILED one.

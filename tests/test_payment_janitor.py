@@ -97,6 +97,7 @@ async def test_lookups_follow_the_schedule_five_minutes_one_hour_then_daily(
     assert payment.failure_code == "not_found_at_processor"
     assert causes(payment)[-2:] == ["attempt_unknown", "resolved_failed"]
     assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == [
+        "payment.processing",
         "payment.unknown",
         "payment.failed",
     ]
@@ -132,7 +133,9 @@ async def test_a_charge_the_processor_never_got_fails_over_after_the_lookup(
     assert fake_stripe.charges == []
     assert len(fake_adyen.charges) == 1
     assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == [
+        "payment.processing",
         "payment.unknown",
+        "payment.processing",  # the failover attempt, after the lookup found nothing
         "payment.succeeded",
     ]
     await assert_ledger_sound(rig.pool, rig.tenant_id)
@@ -220,6 +223,7 @@ async def test_a_capture_that_failed_ambiguously_is_sent_again_and_captures_once
     assert status_name(payment) == "PAYMENT_STATUS_SUCCEEDED"
     assert payment.amount_captured_minor == 1050
     assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == [
+        "payment.processing",
         "payment.requires_capture",
         "payment.captured",
     ]

@@ -385,7 +385,11 @@ async def test_a_failover_to_a_processor_whose_breaker_is_open_waits_for_it(
         ("stripe", "ATTEMPT_STATUS_FAILED"),
         ("adyen", "ATTEMPT_STATUS_PENDING"),
     ]
-    assert await outbox_events(rig.pool, payment_id) == []  # no payment.failed
+    # No payment.failed: the failover attempt is announced instead (it waits for the breaker).
+    assert [(e.event_type, e.attempt_no) for e in await outbox_events(rig.pool, payment_id)] == [
+        ("payment.processing", 1),
+        ("payment.processing", 2),
+    ]
     assert fake_adyen.requests_seen == 0
     rig.clock.advance(rig.breakers.cool_down_s)
     assert await execute_charge(rig.executor, rig.tenant_id, payment_id) is Outcome.SUCCEEDED

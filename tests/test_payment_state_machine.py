@@ -50,6 +50,7 @@ from payments.state_machine import (
     event_type_for,
     is_final,
     next_status,
+    operation_failed_event_type,
     refundable_minor,
     reserved_refunds_minor,
 )
@@ -298,7 +299,7 @@ def test_event_types_are_the_ones_documented_in_events_proto() -> None:
 
 
 EXPECTED_EVENT_TYPES: dict[tuple[PaymentStatus, PaymentTrigger], PaymentEventType | None] = {
-    (P.REQUIRES_PROCESSING, T.ATTEMPT_STARTED): None,
+    (P.REQUIRES_PROCESSING, T.ATTEMPT_STARTED): PaymentEventType.PROCESSING,
     (P.REQUIRES_PROCESSING, T.CANCEL_REQUESTED): PaymentEventType.CANCELED,
     (P.PROCESSING, T.ATTEMPT_SUCCEEDED): PaymentEventType.SUCCEEDED,
     (P.PROCESSING, T.ATTEMPT_AUTHORIZED): PaymentEventType.REQUIRES_CAPTURE,
@@ -307,7 +308,7 @@ EXPECTED_EVENT_TYPES: dict[tuple[PaymentStatus, PaymentTrigger], PaymentEventTyp
     (P.UNKNOWN, T.RESOLVED_SUCCEEDED): PaymentEventType.SUCCEEDED,
     (P.UNKNOWN, T.RESOLVED_REQUIRES_CAPTURE): PaymentEventType.REQUIRES_CAPTURE,
     (P.UNKNOWN, T.RESOLVED_FAILED): PaymentEventType.FAILED,
-    (P.FAILED, T.FAILOVER_ATTEMPT_STARTED): None,
+    (P.FAILED, T.FAILOVER_ATTEMPT_STARTED): PaymentEventType.PROCESSING,
     (P.REQUIRES_CAPTURE, T.CAPTURE_REQUESTED): None,
     (P.REQUIRES_CAPTURE, T.CAPTURE_SUCCEEDED): PaymentEventType.CAPTURED,
     (P.REQUIRES_CAPTURE, T.CANCEL_REQUESTED): None,
@@ -321,9 +322,22 @@ def test_event_type_for_every_transition() -> None:
     assert set(EXPECTED_EVENT_TYPES) == set(PAYMENT_TRANSITIONS)
     for (status, event), expected in EXPECTED_EVENT_TYPES.items():
         assert event_type_for(status, event) is expected, (status, event)
-    assert {t for t in EXPECTED_EVENT_TYPES.values() if t is not None} == set(PaymentEventType)
+    operation_failures = {operation_failed_event_type("capture"), operation_failed_event_type("refund")}
+    assert operation_failures == {PaymentEventType.CAPTURE_FAILED, PaymentEventType.REFUND_FAILED}
+    assert {t for t in EXPECTED_EVENT_TYPES.values() if t is not None} | operation_failures == set(
+        PaymentEventType
+    )
     with pytest.raises(IllegalTransition):
         event_type_for(P.UNKNOWN, T.REFUND_SUCCEEDED)
+    with pytest.raises(ValueError, match="not an operation kind"):
+        operation_failed_event_type("attempt")
+
+
+def test_every_payment_status_change_is_published() -> None:
+    # Issue "Payments" item 9: every payment state change is published on payments.events.
+    for (status, event), to_status in PAYMENT_TRANSITIONS.items():
+        if to_status is not status:
+            assert event_type_for(status, event) is not None, (status, event)
 
 
 # ---------------------------------------------------------------------------

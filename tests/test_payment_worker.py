@@ -304,7 +304,10 @@ async def test_automatic_charge_succeeds_with_capture_journal_and_event(
         ("processor_clearing:stripe", 1050),
         ("customer_receivable", -1050),
     }
-    (event,) = await outbox_events(rig.pool, payment_id)
+    started, event = await outbox_events(rig.pool, payment_id)
+    assert (started.event_type, started.attempt_no, started.processor) == ("payment.processing", 1, "stripe")
+    assert started.status == payments_pb2.PAYMENT_STATUS_PROCESSING
+    assert started.previous_status == payments_pb2.PAYMENT_STATUS_REQUIRES_PROCESSING
     assert event.event_type == "payment.succeeded"
     assert event.status == payments_pb2.PAYMENT_STATUS_SUCCEEDED
     assert event.previous_status == payments_pb2.PAYMENT_STATUS_PROCESSING
@@ -315,7 +318,7 @@ async def test_automatic_charge_succeeds_with_capture_journal_and_event(
     # A redelivered command finds the payment past its step: nothing is sent or written.
     assert await execute_charge(rig.executor, rig.tenant_id, payment_id) is Outcome.SKIPPED
     assert len([r for r in fake_stripe.received if r.method == "POST"]) == 1
-    assert len(await outbox_events(rig.pool, payment_id)) == 1
+    assert len(await outbox_events(rig.pool, payment_id)) == 2
     await assert_ledger_sound(rig.pool, rig.tenant_id)
 
 
@@ -331,7 +334,7 @@ async def test_decline_fails_the_payment_without_failover(
     assert payment.failure_code == "insufficient_funds"
     assert attempt_states(payment) == [("stripe", "ATTEMPT_STATUS_FAILED")]
     assert fake_adyen.requests_seen == 0  # the customer's bank said no: another processor would ask it again
-    (event,) = await outbox_events(rig.pool, payment_id)
+    _, event = await outbox_events(rig.pool, payment_id)
     assert event.event_type == "payment.failed"
     assert event.failure_code == "insufficient_funds"
     assert await payment_journals(rig.pool, rig.tenant_id, payment_id) == []
@@ -366,8 +369,15 @@ async def test_permanent_error_fails_over_to_the_next_processor_which_charges_on
     assert fake_stripe.charges == []
     assert len(fake_adyen.charges) == 1
     assert fake_adyen.received[0].headers["Idempotency-Key"] == f"{payment_id}_2"
-    # No payment.failed: the failover followed in the same transaction.
-    assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == ["payment.succeeded"]
+    # No payment.failed: the failover followed in the same transaction; its attempt is announced.
+    events = await outbox_events(rig.pool, payment_id)
+    assert [(e.event_type, e.attempt_no) for e in events] == [
+        ("payment.processing", 1),
+        ("payment.processing", 2),
+        ("payment.succeeded", 2),
+    ]
+    assert events[1].previous_status == payments_pb2.PAYMENT_STATUS_FAILED
+    assert events[1].processor == "adyen"
     (journal,) = await payment_journals(rig.pool, rig.tenant_id, payment_id)
     assert "processor_clearing:adyen" in {p.account for p in journal.postings}
     assert rig.breakers.breaker(rig.tenant_id, "stripe").consecutive_failures == 1
@@ -385,7 +395,10 @@ async def test_lost_response_never_charges_twice_across_redelivery_and_the_janit
     payment = await rig.payment(payment_id)
     assert status_name(payment) == "PAYMENT_STATUS_UNKNOWN"
     assert attempt_states(payment) == [("stripe", "ATTEMPT_STATUS_UNKNOWN")]
-    assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == ["payment.unknown"]
+    assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == [
+        "payment.processing",
+        "payment.unknown",
+    ]
     lookup_at = await rig.pool.fetchval(
         "SELECT next_lookup_at FROM payment_attempts WHERE payment_id = $1", payment_id
     )
@@ -408,6 +421,7 @@ async def test_lost_response_never_charges_twice_across_redelivery_and_the_janit
     assert len(fake_stripe.captured_charges()) == 1
     assert fake_adyen.requests_seen == 0
     assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == [
+        "payment.processing",
         "payment.unknown",
         "payment.succeeded",
     ]
@@ -567,6 +581,7 @@ async def test_manual_capture_authorizes_then_captures_once(
     (journal,) = await payment_journals(rig.pool, rig.tenant_id, payment_id)
     assert journal.idempotency_key == f"capture:{capture_id}"
     assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == [
+        "payment.processing",
         "payment.requires_capture",
         "payment.captured",
     ]
@@ -645,10 +660,42 @@ async def test_a_refused_refund_releases_its_amount(
         ("charge_disputed", payments_pb2.REFUND_STATUS_FAILED)
     ]
     assert payment.amount_refunded_minor == 0
+    # The failure is published (the payment itself stays SUCCEEDED): the customer can be told.
+    failed = [e for e in await outbox_events(rig.pool, payment_id) if e.event_type == "payment.refund_failed"]
+    (event,) = failed
+    assert (event.refund.refund_id, event.failure_code) == (str(refund_id), "charge_disputed")
+    assert event.status == event.previous_status == payments_pb2.PAYMENT_STATUS_SUCCEEDED
     again = await rig.refund(payment_id)  # the whole amount is refundable again
     assert await execute_refund(rig.executor, rig.tenant_id, payment_id, again) is Outcome.SUCCEEDED
     assert (await rig.payment(payment_id)).amount_refunded_minor == 1050
     assert len(fake_stripe.refunds) == 1
+    assert await execute_refund(rig.executor, rig.tenant_id, payment_id, refund_id) is Outcome.SKIPPED
+    # processing, succeeded, refund_failed, refunded: the copy of the failed refund's command adds nothing
+    assert len(await outbox_events(rig.pool, payment_id)) == 4
+
+
+async def test_a_refused_capture_is_published_and_can_be_requested_again(
+    rig: Rig, fake_stripe: FakeStripe, key_ring: MasterKeyRing
+) -> None:
+    await use_stripe(rig.pool, key_ring, rig.tenant_id, fake_stripe)
+    payment_id, _ = await rig.charge(capture_method=payments_pb2.CAPTURE_METHOD_MANUAL)
+    capture_id = await rig.capture(payment_id)
+    fake_stripe.inject(FakeStripe.error(400, "invalid_request_error", code="amount_too_large", message="no"))
+    assert await execute_capture(rig.executor, rig.tenant_id, payment_id, capture_id) is Outcome.FAILED
+    events = await outbox_events(rig.pool, payment_id)
+    assert [e.event_type for e in events] == [
+        "payment.processing",
+        "payment.requires_capture",
+        "payment.capture_failed",
+    ]
+    failed = events[-1]
+    assert failed.capture.capture_id == str(capture_id)
+    assert failed.capture.status == payments_pb2.CAPTURE_STATUS_FAILED
+    assert failed.failure_code == "amount_too_large"
+    assert failed.status == payments_pb2.PAYMENT_STATUS_REQUIRES_CAPTURE
+    again = await rig.capture(payment_id)
+    assert await execute_capture(rig.executor, rig.tenant_id, payment_id, again) is Outcome.SUCCEEDED
+    assert [e.event_type for e in await outbox_events(rig.pool, payment_id)][-1] == "payment.captured"
 
 
 async def test_cancel_before_processing_is_announced_and_never_charged(
@@ -727,6 +774,11 @@ async def test_racing_refund_commands_never_refund_more_than_captured(
     assert payment.amount_refunded_minor == 700
     failed = [r for r in payment.refunds if r.status == payments_pb2.REFUND_STATUS_FAILED]
     assert [r.failure_code for r in failed] == ["refund_exceeds_captured"]
+    # Refused before it was sent, and published like any failed refund.
+    events = await outbox_events(rig.pool, payment_id)
+    assert [e.refund.refund_id for e in events if e.event_type == "payment.refund_failed"] == [
+        failed[0].refund_id
+    ]
     await assert_ledger_sound(rig.pool, rig.tenant_id)
 
 
@@ -751,6 +803,7 @@ async def test_no_processor_configured_fails_the_payment(rig: Rig) -> None:
     payment = await rig.payment(payment_id)
     assert status_name(payment) == "PAYMENT_STATUS_FAILED"
     assert payment.failure_code == "no_processor"
+    # Never sent, so no payment.processing.
     assert [e.event_type for e in await outbox_events(rig.pool, payment_id)] == ["payment.failed"]
 
 
@@ -863,12 +916,15 @@ async def test_end_to_end_gateway_relay_kafka_worker_stripe(
         await consumer.start()
         try:
             async with asyncio.timeout(30):
-                record = await consumer.getone()
+                records = [await consumer.getone(), await consumer.getone()]
         finally:
             await consumer.stop()
-        event = events_pb2.PaymentEvent.FromString(record.value or b"")
-        assert record.key == str(tenant.tenant_id).encode()
-        assert (event.event_type, event.payment_id) == ("payment.succeeded", payment_id)
+        events = [events_pb2.PaymentEvent.FromString(r.value or b"") for r in records]
+        assert {r.key for r in records} == {str(tenant.tenant_id).encode()}
+        assert [(e.event_type, e.payment_id) for e in events] == [
+            ("payment.processing", payment_id),
+            ("payment.succeeded", payment_id),
+        ]
         await wait_for(lambda: _committed(worker))
         assert worker.outcomes[Outcome.SUCCEEDED] == 1
     finally:

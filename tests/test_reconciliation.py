@@ -16,6 +16,7 @@ import itertools
 import json
 import os
 import random
+import re
 import subprocess
 import sys
 import time
@@ -35,12 +36,15 @@ from payments.ledger import (
     Journal,
     JournalKind,
     Posting,
+    account_balances,
     capture_postings,
     fee_postings,
     post_journal,
     refund_postings,
 )
+from payments.ledger_verify import verify_chain
 from payments.reconciliation import (
+    FeeJournals,
     FeeLine,
     FeeTotal,
     LedgerEntry,
@@ -62,6 +66,7 @@ from payments.reconciliation import (
 )
 from switchboard import reconcile_cli as cli_module
 from tests.conftest import TenantCredentials, make_tenant
+from tests.test_ledger import ledger_cli
 
 
 @pytest.fixture
@@ -310,11 +315,16 @@ def test_stripe_report_lines_fees_skips_and_period() -> None:
         3,
     )
     assert (jpy.references, jpy.amount_minor, jpy.currency, jpy.fee_minor) == (("py_2",), 500, "JPY", 20)
-    assert [(f.line, f.amount_minor, f.currency) for f in report.fee_lines] == [(7, 2500, "EUR")]
+    assert [(f.line, f.amount_minor, f.currency, f.line_id) for f in report.fee_lines] == [
+        (7, 2500, "EUR", rows[5]["balance_transaction_id"])
+    ]
     # skipped rows still belong to the report's period; the end is exclusive, one second after
     assert report.period_start == T0 - timedelta(hours=1)
     assert report.period_end == T0 + timedelta(hours=1, seconds=1)
-    assert report.references() == {"pi_1", "ch_1", "re_1", "py_2"}
+    # Fees are looked up by the balance transaction that withheld them (their fee journals' reference).
+    fee_transactions = {rows[n]["balance_transaction_id"] for n in (0, 2, 5)}
+    assert report.fee_references() == fee_transactions
+    assert report.references() == {"pi_1", "ch_1", "re_1", "py_2"} | fee_transactions
 
 
 def test_stripe_line_numbers_count_physical_lines_and_errors_name_the_column() -> None:
@@ -732,6 +742,17 @@ async def test_ten_thousand_row_stripe_report(pool: asyncpg.Pool, tenant: Tenant
     assert result.skipped == (("dispute", 2), ("payout", 3))
     assert result.fees == tuple(FeeTotal(c, fees[c], None) for c in sorted(fees))
     assert (result.ok, result.discrepancies) == (False, 10 + 5 + 4)
+    # Every fee of the report is now a fee journal, once per balance transaction.
+    fee_rows = sum(
+        1
+        for row in report_rows
+        if row["reporting_category"] == "fee"
+        or (row["reporting_category"] in ("charge", "refund") and Decimal(row["fee"]) != 0)
+    )
+    assert fee_rows == 8000 - 2 + 3 + 1  # kept charges, the unknown charges, the Radar fee line
+    assert stored.fee_journals == FeeJournals(
+        posted=fee_rows, posted_minor=tuple(sorted(fees.items())), already_posted=0, conflicting=0
+    )
 
     async with pool.acquire() as conn:
         run = await conn.fetchrow("SELECT * FROM reconciliation_runs WHERE id = $1", stored.run_id)
@@ -758,7 +779,10 @@ async def test_ten_thousand_row_stripe_report(pool: asyncpg.Pool, tenant: Tenant
             result.of(Outcome.CONFLICTED)
         )
         assert await run_items(conn, globex.tenant_id, stored.run_id) == []
-    print(f"posting 10,000 journals {posted - started:.1f} s, reconciling {finished - posted:.1f} s")
+    print(
+        f"posting 10,000 journals {posted - started:.1f} s, reconciling {finished - posted:.1f} s "
+        f"(with {stored.fee_journals.posted} fee journals posted)"
+    )
     assert finished - posted < 10
 
 
@@ -831,6 +855,97 @@ async def test_adyen_report_with_fees_against_the_ledger(
     assert entries == []
 
 
+# --- fees become fee journals ------------------------------------------------------------------------
+
+
+async def test_report_fees_become_fee_journals_once_and_show_in_the_balance(
+    pool: asyncpg.Pool, database_url: str, tenant: TenantCredentials
+) -> None:
+    payment_a = uuid.uuid4()
+    async with pool.acquire() as conn, conn.transaction():
+        capture = await post_journal(
+            conn,
+            tenant.tenant_id,
+            kind=JournalKind.CAPTURE,
+            payment_id=payment_a,
+            reference="pi_a",
+            idempotency_key=f"capture:{payment_a}",
+            postings=capture_postings("stripe", 1050, "EUR"),
+        )
+        adyen_capture = await post_journal(
+            conn,
+            tenant.tenant_id,
+            kind=JournalKind.CAPTURE,
+            payment_id=None,
+            reference="8800000000000001",
+            idempotency_key="capture:adyen-1",
+            postings=capture_postings("adyen", 500, "GBP"),
+        )
+    at = capture.created_at
+    stripe_rows = [
+        stripe_row("charge", 1050, "EUR", at, fee=45, source="ch_a", payment_intent="pi_a"),
+        stripe_row("charge", 700, "EUR", at, fee=30, source="ch_c", payment_intent="pi_c"),  # not booked
+        stripe_row("fee", -2500, "EUR", at, source="radar_fees"),  # a standalone fee
+        stripe_row("fee", 300, "EUR", at, source="fee_refund"),  # a fee given back
+        stripe_row("payout", -1000, "EUR", at, source="po_1"),
+    ]
+    stripe_report = parse_stripe_report(io.StringIO(csv_text(STRIPE_COLUMNS, stripe_rows)))
+    source = ReportSource("balance.csv", bytes(32))
+
+    async with pool.acquire() as conn:
+        first = await reconcile_and_store(conn, tenant.tenant_id, "stripe", stripe_report, source)
+        again = await reconcile_and_store(conn, tenant.tenant_id, "stripe", stripe_report, source)
+    assert first.fee_journals == FeeJournals(posted=4, posted_minor=(("EUR", 45 + 30 + 2500 - 300),))
+    assert first.result.fees == (FeeTotal("EUR", 2275, None),)  # compared before they were posted
+    # A second import of the same report posts nothing more, and now compares the fees.
+    assert again.fee_journals == FeeJournals(posted=0, already_posted=4)
+    assert again.result.fees == (FeeTotal("EUR", 2275, 2275),)
+    fee_journals = await pool.fetch(
+        "SELECT reference, payment_id, idempotency_key FROM ledger_journals WHERE kind = 'fee' ORDER BY seq"
+    )
+    assert [(r["reference"], r["payment_id"]) for r in fee_journals] == [
+        (stripe_rows[0]["balance_transaction_id"], payment_a),  # the fee of the booked capture
+        (stripe_rows[1]["balance_transaction_id"], None),
+        (stripe_rows[2]["balance_transaction_id"], None),
+        (stripe_rows[3]["balance_transaction_id"], None),
+    ]
+    assert fee_journals[0]["idempotency_key"] == f"fee:stripe:{stripe_rows[0]['balance_transaction_id']}"
+
+    # Adyen: the per-line fee is commission + markup + scheme fees + interchange, in the net currency.
+    adyen = [
+        adyen_row(
+            "Settled", "8800000000000001", "7700000000000001", "GBP", adyen_capture.created_at,
+            credit=500, fees=(10, 4, 1, 7),
+        )
+    ]  # fmt: skip
+    adyen_report = parse_adyen_report(io.StringIO(csv_text(ADYEN_COLUMNS, adyen)))
+    async with pool.acquire() as conn:
+        adyen_run = await reconcile_and_store(conn, tenant.tenant_id, "adyen", adyen_report, source)
+    assert adyen_run.fee_journals == FeeJournals(posted=1, posted_minor=(("GBP", 22),))
+
+    # A report that later says another fee for the same balance transaction posts nothing for it.
+    changed = [stripe_rows[0] | {"fee": "0.50", "net": "10.00"}]
+    changed_report = parse_stripe_report(io.StringIO(csv_text(STRIPE_COLUMNS, changed)))
+    async with pool.acquire() as conn:
+        conflict = await reconcile_and_store(conn, tenant.tenant_id, "stripe", changed_report, source)
+    assert conflict.fee_journals == FeeJournals(conflicting=1)
+    assert conflict.result.fee_mismatches == (FeeTotal("EUR", 50, 45),)
+
+    balances = {
+        (b.account, b.currency): b.balance_minor for b in await account_balances(pool, tenant.tenant_id)
+    }
+    assert balances[("fees", "EUR")] == 2275
+    assert balances[("processor_clearing:stripe", "EUR")] == 1050 - 2275
+    assert balances[("fees", "GBP")] == 22
+    assert balances[("processor_clearing:adyen", "GBP")] == 500 - 22
+    assert (await verify_chain(pool, tenant.tenant_id)).ok
+    shown = await ledger_cli(database_url, "balance", "--tenant", "acme")
+    assert shown.returncode == 0, shown.stderr
+    fee_lines = [line for line in shown.stdout.splitlines() if re.search(r"\bfees\b.*\bexpense\b", line)]
+    assert any("2275 Dr" in line for line in fee_lines), shown.stdout
+    assert any("22 Dr" in line for line in fee_lines), shown.stdout
+
+
 # --- the command line --------------------------------------------------------------------------------
 
 
@@ -892,10 +1007,19 @@ async def test_cli_exit_codes_output_and_stored_runs(
         "missing_in_report": 0,
         "matched": 3,
     }
+    # The first import posted the report's fees; this second one compares them and posts nothing.
+    assert "fee journals: 2 posted (45 EUR, 88 USD)" in ok_table.stdout
     assert document["fees"] == [
-        {"currency": "EUR", "report_minor": 45, "ledger_minor": None, "ok": True},
-        {"currency": "USD", "report_minor": 88, "ledger_minor": None, "ok": True},
+        {"currency": "EUR", "report_minor": 45, "ledger_minor": 45, "ok": True},
+        {"currency": "USD", "report_minor": 88, "ledger_minor": 88, "ok": True},
     ]
+    assert document["fee_journals"] == {
+        "posted": 0,
+        "posted_minor": {},
+        "already_posted": 2,
+        "conflicting": 0,
+        "without_reference": 0,
+    }
     assert (document["skipped"], document["discrepancies"], document["rows"]) == ({"payout": 1}, [], 4)
 
     off_json = await reconcile_cli(database_url, *common, "--report", str(off), "--format", "json", *wide)

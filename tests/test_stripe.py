@@ -1125,3 +1125,111 @@ async def test_fake_delivers_signed_webhooks_that_verify(fake: FakeStripe, strip
     assert verified["type"] == "payment_intent.succeeded"
     assert verified["data"]["object"]["id"] == payment.processor_reference
     assert json.loads(body) == event
+
+
+# --- confirm (POST /v1/payment_intents/{id}/confirm) ---------------------------------------------------
+
+
+async def unconfirmed_intent(fake: FakeStripe, **form: str) -> str:
+    """A PaymentIntent created without ``confirm`` (over HTTP, as another integration would)."""
+    body = {
+        "amount": "2500",
+        "currency": "eur",
+        "automatic_payment_methods[enabled]": "true",
+        "automatic_payment_methods[allow_redirects]": "never",
+        **form,
+    }
+    async with httpx.AsyncClient(base_url=fake.base_url) as client:
+        response = await client.post(
+            "/v1/payment_intents",
+            data=body,
+            headers={"Authorization": f"Bearer {SECRET_KEY}", "Idempotency-Key": str(uuid.uuid4())},
+        )
+    assert response.status_code == 200, response.text
+    intent = response.json()
+    return str(intent["id"])
+
+
+async def test_confirm_wire_format_and_replay(fake: FakeStripe, stripe: StripeProcessor) -> None:
+    reference = await unconfirmed_intent(fake, payment_method="pm_card_visa")
+    assert fake.intents[reference]["status"] == "requires_confirmation"
+
+    payment = await stripe.confirm(reference, "confirm-key-1")
+
+    sent = posts(fake)[-1]
+    assert (sent.method, sent.path) == ("POST", f"/v1/payment_intents/{reference}/confirm")
+    assert sent.headers["Authorization"] == f"Bearer {SECRET_KEY}"
+    assert sent.headers["Stripe-Version"] == API_VERSION
+    assert sent.headers["Idempotency-Key"] == "confirm-key-1"
+    assert sent.headers["Content-Type"] == "application/x-www-form-urlencoded"
+    assert sent.body == {}  # the PaymentIntent's own payment method; nothing else is sent
+    assert (payment.processor_reference, payment.status) == (reference, ProcessorStatus.SUCCEEDED)
+    assert (payment.amount_minor, payment.amount_captured_minor, payment.currency) == (2500, 2500, "EUR")
+    # The same key again is answered from Stripe's idempotency store: still one charge.
+    again = await stripe.confirm(reference, "confirm-key-1")
+    assert again.status is ProcessorStatus.SUCCEEDED
+    assert fake.replays == ["confirm-key-1"]
+    assert len(fake.captured_charges()) == 1
+
+
+async def test_confirm_with_a_new_payment_method_after_a_decline(
+    fake: FakeStripe, stripe: StripeProcessor
+) -> None:
+    reference = await unconfirmed_intent(fake, capture_method="manual")
+    assert fake.intents[reference]["status"] == "requires_payment_method"
+    declined = await failure(stripe.confirm(reference, "k-1", payment_method="pm_card_chargeDeclined"))
+    assert isinstance(declined, Declined)
+    assert declined.code == "generic_decline"
+    assert posts(fake)[-1].body == {"payment_method": "pm_card_chargeDeclined"}
+    assert fake.intents[reference]["status"] == "requires_payment_method"
+
+    authorized = await stripe.confirm(reference, "k-2", payment_method="pm_card_mastercard")
+
+    assert authorized.status is ProcessorStatus.REQUIRES_CAPTURE
+    assert posts(fake)[-1].body == {"payment_method": "pm_card_mastercard"}
+    [charge] = fake.charges
+    assert (charge["payment_method"], charge["captured"]) == ("pm_card_mastercard", False)
+
+
+async def test_confirm_in_a_status_that_does_not_allow_it_is_permanent(
+    fake: FakeStripe, stripe: StripeProcessor
+) -> None:
+    charged = await stripe.create_charge(charge_request())
+    error = await failure(stripe.confirm(charged.processor_reference, "k-late"))
+    assert isinstance(error, PermanentProcessorError)
+    assert error.code == "payment_intent_unexpected_state"
+    assert len(fake.charges) == 1
+    # Not sent at all: a reference that is not a PaymentIntent id, an empty payment method.
+    for call in (
+        stripe.confirm("ch_123", "k"),
+        stripe.confirm(charged.processor_reference, "k", payment_method=""),
+    ):
+        refused = await failure(call)
+        assert isinstance(refused, PermanentProcessorError)
+    assert len(posts(fake)) == 2
+
+
+async def test_confirm_needing_authentication_is_abandoned(fake: FakeStripe, stripe: StripeProcessor) -> None:
+    reference = await unconfirmed_intent(fake, payment_method="pm_card_authenticationRequired")
+    error = await failure(stripe.confirm(reference, "k-3ds"))
+    assert isinstance(error, Declined)
+    assert error.code == "authentication_required"
+    assert (fake.intents[reference]["status"], fake.intents[reference]["cancellation_reason"]) == (
+        "canceled",
+        "abandoned",
+    )
+    assert posts(fake)[-1].headers["Idempotency-Key"] == "k-3ds:abandon"
+    assert fake.charges == []
+
+
+async def test_the_fake_refuses_confirm_parameters_it_does_not_implement(fake: FakeStripe) -> None:
+    reference = await unconfirmed_intent(fake, payment_method="pm_card_visa")
+    async with httpx.AsyncClient(base_url=fake.base_url) as client:
+        response = await client.post(
+            f"/v1/payment_intents/{reference}/confirm",
+            data={"off_session": "true"},
+            headers={"Authorization": f"Bearer {SECRET_KEY}", "Idempotency-Key": "k-off"},
+        )
+    assert response.status_code == 400
+    assert response.json()["error"]["code"] == "parameter_unknown"
+    assert fake.intents[reference]["status"] == "requires_confirmation"

@@ -7,8 +7,10 @@ https://docs.stripe.com/api/refunds):
 - ``GET /v1/payment_intents`` (list; ``created[gte|gt|lte|lt]``, ``limit``, ``starting_after``);
 - ``GET /v1/payment_intents/search`` (``query``, ``limit``; https://docs.stripe.com/search);
 - ``GET /v1/payment_intents/{id}``;
-- ``POST /v1/payment_intents/{id}/capture`` (``amount_to_capture``) and ``/cancel``
-  (``cancellation_reason``);
+- ``POST /v1/payment_intents/{id}/capture`` (``amount_to_capture``), ``/cancel``
+  (``cancellation_reason``) and ``/confirm`` (``payment_method``, ``return_url``; a
+  PaymentIntent in ``requires_payment_method``, ``requires_confirmation`` or
+  ``requires_action``, else ``400 payment_intent_unexpected_state``);
 - ``POST /v1/refunds`` (``payment_intent``, ``amount``, ``reason``, ``metadata``).
 
 What it checks, each refusal in Stripe's error envelope
@@ -76,7 +78,7 @@ import json
 import re
 import time
 import uuid
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence, Set
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qsl
@@ -145,6 +147,12 @@ _CREATE_PARAMS = frozenset(
         "off_session",
     }
 )
+#: Confirm parameters this fake understands (a subset of https://docs.stripe.com/api/payment_intents/confirm;
+#: the others, e.g. ``off_session``, are refused as unknown rather than silently ignored).
+_CONFIRM_PARAMS = frozenset({"payment_method", "return_url", "capture_method", "receipt_email"})
+_CAPTURE_METHODS = frozenset({"automatic", "automatic_async", "manual"})
+#: Statuses in which Stripe accepts a confirm.
+_CONFIRMABLE = frozenset({"requires_payment_method", "requires_confirmation", "requires_action"})
 _CANCEL_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer", "abandoned"})
 _REFUND_REASONS = frozenset({"duplicate", "fraudulent", "requested_by_customer"})
 _CANCELABLE = frozenset(
@@ -391,6 +399,7 @@ class FakeStripe(FakeProviderServer):
         app.router.add_get("/v1/payment_intents/{id}", self._retrieve_intent)
         app.router.add_post("/v1/payment_intents/{id}/capture", self._capture_intent)
         app.router.add_post("/v1/payment_intents/{id}/cancel", self._cancel_intent)
+        app.router.add_post("/v1/payment_intents/{id}/confirm", self._confirm_intent)
         app.router.add_post("/v1/refunds", self._create_refund)
 
     # -- request plumbing ------------------------------------------------------------------------
@@ -647,6 +656,11 @@ class FakeStripe(FakeProviderServer):
         self._emit("payment_intent.created", intent)
         if not _boolean(params, "confirm"):
             return 200, copy.deepcopy(intent)
+        return self._attempt_payment(intent)
+
+    def _attempt_payment(self, intent: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+        """Confirm ``intent`` with its payment method: the test token decides the outcome."""
+        token = str(intent["payment_method"] or "")
         if token in DECLINING_TOKENS:
             error = self._decline(intent, DECLINING_TOKENS[token])
             return 402, {"error": error}
@@ -666,6 +680,54 @@ class FakeStripe(FakeProviderServer):
         else:
             self._authorize(intent)
         return 200, copy.deepcopy(intent)
+
+    async def _confirm_intent(self, request: web.Request) -> web.StreamResponse:
+        """``POST /v1/payment_intents/{id}/confirm`` (https://docs.stripe.com/api/payment_intents/confirm)."""
+        intent_id = request.match_info["id"]
+
+        def validate(params: dict[str, Any]) -> None:
+            _only(params, _CONFIRM_PARAMS)
+            capture_method = params.get("capture_method")
+            if capture_method is not None and capture_method not in _CAPTURE_METHODS:
+                raise _invalid(f"Invalid capture_method: {capture_method}", param="capture_method")
+
+        def execute(params: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+            intent = self._intent(intent_id)
+            if intent["status"] not in _CONFIRMABLE:
+                raise _invalid(
+                    "You cannot confirm this PaymentIntent because it has a status of "
+                    f"{intent['status']}. Only a PaymentIntent with one of the following statuses may be "
+                    f"confirmed: {', '.join(sorted(_CONFIRMABLE))}.",
+                    code="payment_intent_unexpected_state",
+                )
+            token = str(params.get("payment_method") or intent["payment_method"] or "")
+            if not token:
+                raise _invalid(
+                    "You cannot confirm this PaymentIntent because it's missing a payment method. To confirm "
+                    "the PaymentIntent with a payment method, pass `payment_method`.",
+                    code="payment_intent_unexpected_state",
+                    param="payment_method",
+                )
+            if token not in self._known_tokens():
+                raise _invalid(
+                    f"No such PaymentMethod: '{token}'", code="resource_missing", param="payment_method"
+                )
+            automatic = intent["automatic_payment_methods"] or {}
+            redirects = automatic.get("enabled") and automatic.get("allow_redirects") != "never"
+            if redirects and not params.get("return_url"):
+                raise _invalid(
+                    "This PaymentIntent is configured to accept payment methods enabled in your Dashboard. "
+                    "Because some of these payment methods might redirect your customer off of your page, "
+                    "you must provide a `return_url`.",
+                    param="return_url",
+                )
+            intent["payment_method"] = token
+            intent["last_payment_error"] = None
+            if params.get("capture_method"):
+                intent["capture_method"] = params["capture_method"]
+            return self._attempt_payment(intent)
+
+        return await self._post(request, validate, execute)
 
     def _known_tokens(self) -> frozenset[str]:
         return SUCCEEDING_TOKENS | AUTHENTICATION_TOKENS | frozenset(DECLINING_TOKENS) | {PROCESSING_TOKEN}
@@ -943,7 +1005,7 @@ class FakeStripe(FakeProviderServer):
 # --- parameter helpers ---------------------------------------------------------------------------
 
 
-def _only(params: Mapping[str, Any], allowed: set[str]) -> None:
+def _only(params: Mapping[str, Any], allowed: Set[str]) -> None:
     for name in params:
         if name not in allowed:
             raise _invalid(f"Received unknown parameter: {name}", code="parameter_unknown", param=name)

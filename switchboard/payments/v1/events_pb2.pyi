@@ -57,7 +57,10 @@ class PaymentCommand(_message.Message):
     tenant id) that the outbox relay publishes for the payment worker. It
     carries ids only: the worker reads and locks the payment row, applies the
     state machine, and skips a command whose work is already done (idempotent
-    consumer), so a republished command never charges twice.
+    consumer), so a republished command never charges twice. A command whose
+    operation is still not started SWITCHBOARD_PAYMENT_SWEEP_AFTER_S after it
+    was published is presumed lost by the broker and published again (a copy
+    with a new command_id) by the payment sweeper.
     """
 
     DESCRIPTOR: _descriptor.Descriptor
@@ -83,10 +86,14 @@ class PaymentCommand(_message.Message):
     refund_id: _builtins.str
     """For PAYMENT_COMMAND_KIND_REFUND: the refund id (UUID); empty otherwise."""
     request_id: _builtins.str
-    """The request_id of the call that produced the command."""
+    """The request_id of the call that produced the command (empty on a CANCEL
+    that the payment sweeper published again: that request_id is not kept).
+    """
     @_builtins.property
     def request_time(self) -> _timestamp_pb2.Timestamp:
-        """When the command was committed."""
+        """When the operation was requested (the payment sweeper publishes a lost
+        command again with the original request's time).
+        """
 
     def __init__(
         self,
@@ -115,7 +122,12 @@ class PaymentEvent(_message.Message):
     carries a snapshot of the payment so consumers (e.g. receipt notifications)
     need not call back.
 
-    `event_type` is one of:
+    Every change of the payment's status is published, and every capture or
+    refund that ends FAILED (the payment keeps its status then). `event_type`
+    is one of:
+    - "payment.processing": an attempt was sent to a processor (`attempt_no`,
+      `processor`); again for each failover attempt (`previous_status` FAILED:
+      the earlier attempt definitely did not charge).
     - "payment.requires_capture": authorized, waiting for capture (MANUAL).
     - "payment.succeeded": charged (automatic capture, or resolved after UNKNOWN).
     - "payment.captured": a manual capture succeeded; `capture` is set and the
@@ -124,8 +136,16 @@ class PaymentEvent(_message.Message):
     - "payment.unknown": the processor's answer was lost; a later
       "payment.succeeded", "payment.requires_capture" or "payment.failed" resolves it.
     - "payment.canceled": canceled or authorization released.
+    - "payment.capture_failed": the processor definitely did not capture;
+      `capture` is set, `failure_code` / `failure_message` are the capture's; the
+      payment stays REQUIRES_CAPTURE (a capture may be requested again).
     - "payment.refunded": a refund succeeded; `refund` is set; the payment stays
       SUCCEEDED and amount_refunded_minor includes it.
+    - "payment.refund_failed": the processor definitely did not refund; `refund`
+      is set, `failure_code` / `failure_message` are the refund's; its amount is
+      refundable again.
+    A capture or refund whose answer was lost (UNKNOWN) publishes nothing until
+    it is resolved: the payment did not change, and GetPayment shows it.
     Consumers must ignore types they do not know.
     """
 
@@ -204,9 +224,11 @@ class PaymentEvent(_message.Message):
     attempt_no: _builtins.int
     """The attempt concerned; 0 when none."""
     failure_code: _builtins.str
-    """For "payment.failed": the processor's decline or error code."""
+    """For "payment.failed", "payment.capture_failed", "payment.refund_failed":
+    the processor's decline or error code.
+    """
     failure_message: _builtins.str
-    """For "payment.failed": a human-readable explanation; never contains credentials."""
+    """For the same types: a human-readable explanation; never contains credentials."""
     @_builtins.property
     def customer(self) -> _payments_pb2.CustomerContact:
         """Where receipts go."""
@@ -217,11 +239,11 @@ class PaymentEvent(_message.Message):
 
     @_builtins.property
     def capture(self) -> _payments_pb2.Capture:
-        """For "payment.captured": the capture."""
+        """For "payment.captured" and "payment.capture_failed": the capture."""
 
     @_builtins.property
     def refund(self) -> _payments_pb2.Refund:
-        """For "payment.refunded": the refund."""
+        """For "payment.refunded" and "payment.refund_failed": the refund."""
 
     @_builtins.property
     def occur_time(self) -> _timestamp_pb2.Timestamp:

@@ -253,6 +253,7 @@ class PaymentAttempt(_message.Message):
     FAILURE_MESSAGE_FIELD_NUMBER: _builtins.int
     START_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
     attempt_no: _builtins.int
     """1-based attempt number; a failover attempt gets the next number."""
     status: Global___AttemptStatus.ValueType
@@ -277,6 +278,12 @@ class PaymentAttempt(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When the attempt reached its current status."""
 
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___AttemptTransition]:
+        """Every status change of the attempt, oldest first (the first one, from
+        ATTEMPT_STATUS_UNSPECIFIED, is its creation).
+        """
+
     def __init__(
         self,
         *,
@@ -289,10 +296,11 @@ class PaymentAttempt(_message.Message):
         failure_message: _builtins.str = ...,
         start_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        transitions: _abc.Iterable[Global___AttemptTransition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["start_time", b"start_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_no", b"attempt_no", "failure_code", b"failure_code", "failure_message", b"failure_message", "idempotency_key", b"idempotency_key", "processor", b"processor", "processor_reference", b"processor_reference", "start_time", b"start_time", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt_no", b"attempt_no", "failure_code", b"failure_code", "failure_message", b"failure_message", "idempotency_key", b"idempotency_key", "processor", b"processor", "processor_reference", b"processor_reference", "start_time", b"start_time", "status", b"status", "transitions", b"transitions", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -314,6 +322,7 @@ class Capture(_message.Message):
     FAILURE_MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
     capture_id: _builtins.str
     """The capture id (UUID); also its processor idempotency key."""
     payment_id: _builtins.str
@@ -338,6 +347,12 @@ class Capture(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it reached its current status."""
 
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___CaptureTransition]:
+        """Every status change of the capture, oldest first (the first one, from
+        CAPTURE_STATUS_UNSPECIFIED, is its creation).
+        """
+
     def __init__(
         self,
         *,
@@ -351,10 +366,11 @@ class Capture(_message.Message):
         failure_message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        transitions: _abc.Iterable[Global___CaptureTransition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "capture_id", b"capture_id", "create_time", b"create_time", "failure_code", b"failure_code", "failure_message", b"failure_message", "payment_id", b"payment_id", "processor_reference", b"processor_reference", "request_id", b"request_id", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "capture_id", b"capture_id", "create_time", b"create_time", "failure_code", b"failure_code", "failure_message", b"failure_message", "payment_id", b"payment_id", "processor_reference", b"processor_reference", "request_id", b"request_id", "status", b"status", "transitions", b"transitions", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -377,6 +393,7 @@ class Refund(_message.Message):
     FAILURE_MESSAGE_FIELD_NUMBER: _builtins.int
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
+    TRANSITIONS_FIELD_NUMBER: _builtins.int
     refund_id: _builtins.str
     """The refund id (UUID); also its processor idempotency key."""
     payment_id: _builtins.str
@@ -403,6 +420,12 @@ class Refund(_message.Message):
     def update_time(self) -> _timestamp_pb2.Timestamp:
         """When it reached its current status."""
 
+    @_builtins.property
+    def transitions(self) -> _containers.RepeatedCompositeFieldContainer[Global___RefundTransition]:
+        """Every status change of the refund, oldest first (the first one, from
+        REFUND_STATUS_UNSPECIFIED, is its creation).
+        """
+
     def __init__(
         self,
         *,
@@ -417,14 +440,144 @@ class Refund(_message.Message):
         failure_message: _builtins.str = ...,
         create_time: _timestamp_pb2.Timestamp | None = ...,
         update_time: _timestamp_pb2.Timestamp | None = ...,
+        transitions: _abc.Iterable[Global___RefundTransition] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["create_time", b"create_time", "update_time", b"update_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "create_time", b"create_time", "failure_code", b"failure_code", "failure_message", b"failure_message", "payment_id", b"payment_id", "processor_reference", b"processor_reference", "reason", b"reason", "refund_id", b"refund_id", "request_id", b"request_id", "status", b"status", "update_time", b"update_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["amount_minor", b"amount_minor", "create_time", b"create_time", "failure_code", b"failure_code", "failure_message", b"failure_message", "payment_id", b"payment_id", "processor_reference", b"processor_reference", "reason", b"reason", "refund_id", b"refund_id", "request_id", b"request_id", "status", b"status", "transitions", b"transitions", "update_time", b"update_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Refund: _TypeAlias = Refund  # noqa: Y015
+
+@_typing.final
+class AttemptTransition(_message.Message):
+    """One status change of a charge attempt."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    FROM_STATUS_FIELD_NUMBER: _builtins.int
+    TO_STATUS_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    from_status: Global___AttemptStatus.ValueType
+    """The status before; ATTEMPT_STATUS_UNSPECIFIED for the creation."""
+    to_status: Global___AttemptStatus.ValueType
+    """The status after."""
+    cause: _builtins.str
+    """What caused it: "created", or an operation trigger of the state machine:
+    "succeeded", "failed", "ambiguous" (the answer was lost),
+    "resolved_succeeded", "resolved_failed" (a lookup or webhook resolved it).
+    "migrated" starts the history of an attempt older than the history.
+    """
+    detail: _builtins.str
+    """Free text detail, e.g. the failure explanation; never contains credentials."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        from_status: Global___AttemptStatus.ValueType = ...,
+        to_status: Global___AttemptStatus.ValueType = ...,
+        cause: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "detail", b"detail", "from_status", b"from_status", "time", b"time", "to_status", b"to_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AttemptTransition: _TypeAlias = AttemptTransition  # noqa: Y015
+
+@_typing.final
+class CaptureTransition(_message.Message):
+    """One status change of a capture."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    FROM_STATUS_FIELD_NUMBER: _builtins.int
+    TO_STATUS_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    from_status: Global___CaptureStatus.ValueType
+    """The status before; CAPTURE_STATUS_UNSPECIFIED for the creation."""
+    to_status: Global___CaptureStatus.ValueType
+    """The status after."""
+    cause: _builtins.str
+    """What caused it: "created", or an operation trigger of the state machine:
+    "started" (sent to the processor), "retry_scheduled" (not processed,
+    sent again later with the same idempotency key), "succeeded", "failed",
+    "ambiguous", "resolved_succeeded", "resolved_failed". "migrated" starts
+    the history of a capture older than the history.
+    """
+    detail: _builtins.str
+    """Free text detail, e.g. the failure explanation; never contains credentials."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        from_status: Global___CaptureStatus.ValueType = ...,
+        to_status: Global___CaptureStatus.ValueType = ...,
+        cause: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "detail", b"detail", "from_status", b"from_status", "time", b"time", "to_status", b"to_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CaptureTransition: _TypeAlias = CaptureTransition  # noqa: Y015
+
+@_typing.final
+class RefundTransition(_message.Message):
+    """One status change of a refund."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIME_FIELD_NUMBER: _builtins.int
+    FROM_STATUS_FIELD_NUMBER: _builtins.int
+    TO_STATUS_FIELD_NUMBER: _builtins.int
+    CAUSE_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    from_status: Global___RefundStatus.ValueType
+    """The status before; REFUND_STATUS_UNSPECIFIED for the creation."""
+    to_status: Global___RefundStatus.ValueType
+    """The status after."""
+    cause: _builtins.str
+    """What caused it, as in CaptureTransition.cause."""
+    detail: _builtins.str
+    """Free text detail, e.g. the failure explanation; never contains credentials."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it happened."""
+
+    def __init__(
+        self,
+        *,
+        time: _timestamp_pb2.Timestamp | None = ...,
+        from_status: Global___RefundStatus.ValueType = ...,
+        to_status: Global___RefundStatus.ValueType = ...,
+        cause: _builtins.str = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cause", b"cause", "detail", b"detail", "from_status", b"from_status", "time", b"time", "to_status", b"to_status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RefundTransition: _TypeAlias = RefundTransition  # noqa: Y015
 
 @_typing.final
 class PaymentTransition(_message.Message):
