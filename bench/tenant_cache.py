@@ -97,11 +97,15 @@ async def _measure(dsn: str, fcm: FakeFcm) -> list[Row]:
                 admin = tenants_pb2_grpc.TenantAdminServiceStub(channel)
                 operator = (("authorization", f"Bearer {admin_token}"),)
                 created = await admin.CreateTenant(
-                    tenants_pb2.CreateTenantRequest(name=f"bench-{free_port()}"), metadata=operator
+                    tenants_pb2.CreateTenantRequest(
+                        request_id=str(uuid.uuid4()), name=f"bench-{free_port()}"
+                    ),
+                    metadata=operator,
                 )
                 tenant_id = uuid.UUID(created.tenant.tenant_id)
                 key = await admin.CreateApiKey(
-                    tenants_pb2.CreateApiKeyRequest(tenant_id=str(tenant_id)), metadata=operator
+                    tenants_pb2.CreateApiKeyRequest(request_id=str(uuid.uuid4()), tenant_id=str(tenant_id)),
+                    metadata=operator,
                 )
                 smtp = tenants_pb2.SmtpConfig(
                     host="127.0.0.1",
@@ -121,7 +125,10 @@ async def _measure(dsn: str, fcm: FakeFcm) -> list[Row]:
                 ):
                     await admin.SetProviderConfig(
                         tenants_pb2.SetProviderConfigRequest(
-                            tenant_id=str(tenant_id), channel=channel_number, config=config
+                            request_id=str(uuid.uuid4()),
+                            tenant_id=str(tenant_id),
+                            channel=channel_number,
+                            config=config,
                         ),
                         metadata=operator,
                     )
