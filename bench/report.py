@@ -2,9 +2,9 @@
 
 ``python -m bench report [LABEL ...]`` reads ``bench/results/accept-<label>.json``
 (the last label is the current state; earlier ones are "before"), prints the
-Markdown tables BENCHMARKS.md uses, and writes ``docs/bench/throughput.png``
+Markdown tables BENCHMARKS.md uses, and writes ``docs/bench/throughput-<last label>.png``
 (accepted notifications/s against concurrency) and
-``docs/bench/latency-cdf.png`` (RPC latency at 32 in flight, end-to-end
+``docs/bench/latency-cdf-<last label>.png`` (RPC latency at 32 in flight, end-to-end
 latency per channel).
 """
 
@@ -207,7 +207,8 @@ def report(labels: list[str]) -> str:
         for key in cpu_runs:
             cpu = r[key]["cpu_ms_per_notification"]
             cells = [f"{cpu.get(c, 0.0):.2f}" for c in components]
-            out.append(_row(f"{r[key]['offered_per_s']:,.0f}/s", *cells, f"{sum(cpu.values()):.2f}"))
+            label = f"{r[key]['offered_per_s']:,.0f}/s, {r[key].get('tenants', 1)} tenant(s)"
+            out.append(_row(label, *cells, f"{sum(cpu.values()):.2f}"))
     if len(runs) > 1:
         levels = (1, 8, 32, 128)
         out += ["", "Before and after (accepted notifications/s):", ""]
@@ -258,7 +259,7 @@ def plot(labels: list[str]) -> list[Path]:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     fig.tight_layout()
-    throughput = PLOTS / "throughput.png"
+    throughput = PLOTS / f"throughput-{r['label']}.png"
     fig.savefig(throughput, dpi=110)
     plt.close(fig)
 
@@ -294,7 +295,7 @@ def plot(labels: list[str]) -> list[Path]:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    cdf = PLOTS / "latency-cdf.png"
+    cdf = PLOTS / f"latency-cdf-{r['label']}.png"
     fig.savefig(cdf, dpi=110)
     plt.close(fig)
     return [throughput, cdf]
