@@ -63,17 +63,22 @@ def switchboard(*args: str) -> list[str]:
     return [sys.executable, "-m", "switchboard.cli", *args]
 
 
-def test_demo_delivers_every_channel_and_leaves_nothing_running(tmp_path: Path) -> None:
-    data_dir = tmp_path / "demo"
-    env = stack_env(data_dir)
-    result = subprocess.run(
-        switchboard("demo", "--timeout", "60"),
+def run_demo(env: dict[str, str], cwd: Path, timeout: str = "60") -> subprocess.CompletedProcess[str]:
+    """``switchboard demo --timeout <timeout>`` to completion (at most 4 minutes)."""
+    return subprocess.run(
+        switchboard("demo", "--timeout", timeout),
         env=env,
         capture_output=True,
         text=True,
         timeout=240,
-        cwd=tmp_path,
+        cwd=cwd,
     )
+
+
+def test_demo_delivers_every_channel_and_leaves_nothing_running(tmp_path: Path) -> None:
+    data_dir = tmp_path / "demo"
+    env = stack_env(data_dir)
+    result = run_demo(env, tmp_path, "60")
     assert result.returncode == 0, result.stdout + result.stderr
     assert result.stdout.count("DELIVERED") >= 3
     assert "every delivery DELIVERED" in result.stdout
@@ -247,14 +252,7 @@ def test_demo_uses_the_servers_named_in_the_environment(tmp_path: Path, settings
         "SWITCHBOARD_KAFKA_TOPIC_PREFIX": settings.kafka_topic_prefix,
         "SWITCHBOARD_KAFKA_IDEMPOTENCE": "false",  # the test broker is Tansu
     }
-    result = subprocess.run(
-        switchboard("demo", "--timeout", "60"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
+    result = run_demo(env, tmp_path, "60")
     assert result.returncode == 0, result.stdout + result.stderr
     assert "every delivery DELIVERED" in result.stdout
     assert not (data_dir / "postgres").exists()  # no embedded PostgreSQL ...
@@ -275,14 +273,7 @@ def test_demo_exits_non_zero_with_the_reason_when_deliveries_are_not_final_in_ti
     data_dir = tmp_path / "late"
     env = stack_env(data_dir) | {"COLUMNS": "250"}
     # 50 ms is far less than a consumer group takes to form: nothing can be final by then.
-    result = subprocess.run(
-        switchboard("demo", "--timeout", "0.05"),
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=240,
-        cwd=tmp_path,
-    )
+    result = run_demo(env, tmp_path, "0.05")
     assert result.returncode == 1, result.stdout + result.stderr
     assert "not every delivery was DELIVERED" in result.stdout
     assert "not final before the timeout" in result.stdout
