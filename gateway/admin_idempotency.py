@@ -56,8 +56,9 @@ from gateway.errors import (
     idempotency_key_reused,
     key_in_flux,
 )
+from gateway.idempotency import decode_outcome, encode_outcome, request_fingerprint
 from gateway.write_path import DEFAULT_IDEMPOTENCY_RETENTION_S
-from payments.store import DEFAULT_LOCK_TIMEOUT_MS, decode_outcome, encode_outcome, request_fingerprint
+from payments.store import DEFAULT_LOCK_TIMEOUT_MS
 from switchboard.db.pool import Connection
 from switchboard.tenants.v1 import tenants_pb2
 from tenants.sealing import MasterKeyRing
@@ -129,7 +130,7 @@ class AdminIdempotency:
     def request_hash(self, request: AdminMutation, *, keyed: bool) -> tuple[bytes, str | None]:
         """The stored hash of ``request`` (32 bytes) and the master key id keying it (``None``: unkeyed).
 
-        Unkeyed: :func:`payments.store.request_fingerprint`, SHA-256 over the
+        Unkeyed: :func:`gateway.idempotency.request_fingerprint`, SHA-256 over the
         method (the request's full type name: one per RPC) and the deterministic
         encoding. Keyed (requests carrying secrets): HMAC-SHA256 of that digest
         under the current master key's digest subkey. Raises ``RpcError``

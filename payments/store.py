@@ -43,7 +43,6 @@ processor is called), :func:`finish_attempt`, :func:`notify_payment_changed`.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
@@ -60,6 +59,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 
 from channels.catalog import payment_commands_topic
 from gateway.errors import error_info, idempotency_key_reused, invalid_argument, key_in_flux, not_found
+from gateway.idempotency import decode_outcome, encode_outcome, request_fingerprint
 from gateway.validation import FieldViolation
 from gateway.write_path import DEFAULT_IDEMPOTENCY_RETENTION_S, OUTBOX_NOTIFY_CHANNEL
 from payments.state_machine import (
@@ -123,41 +123,6 @@ CAPTURE_METHOD_PROTO: Final[Mapping[str, payments_pb2.CaptureMethod.ValueType]] 
 def stored_request_id(request_id: str) -> str:
     """The ``idempotency_keys.request_id`` of a payment RPC's ``request_id``."""
     return IDEMPOTENCY_KEY_PREFIX + request_id
-
-
-def request_fingerprint(method: str, request: Message) -> bytes:
-    """SHA-256 over the method name and the deterministic protobuf encoding of ``request``.
-
-    Two calls are "the same request" for idempotency when this is equal: same
-    method, same field values (field order and map order do not matter).
-    """
-    digest = hashlib.sha256(method.encode("ascii") + b"\n")
-    digest.update(request.SerializeToString(deterministic=True))
-    return digest.digest()
-
-
-def encode_outcome(outcome: Message) -> bytes:
-    """The stored form of an answer: a ``google.rpc.Status``; OK with the response packed
-    as its only detail, or the error itself."""
-    if isinstance(outcome, status_pb2.Status):
-        return outcome.SerializeToString()
-    packed = any_pb2.Any()
-    packed.Pack(outcome)
-    return status_pb2.Status(code=code_pb2.OK, details=[packed]).SerializeToString()
-
-
-def decode_outcome(data: bytes, response_type: type[M]) -> M | status_pb2.Status:
-    """Inverse of :func:`encode_outcome`: the response (``response_type``) or the error.
-
-    Raises ``ValueError`` when the record holds another method's response.
-    """
-    status = status_pb2.Status.FromString(data)
-    if status.code != code_pb2.OK:
-        return status
-    response = response_type()
-    if len(status.details) != 1 or not status.details[0].Unpack(response):
-        raise ValueError(f"stored answer is not a {response_type.DESCRIPTOR.full_name}")
-    return response
 
 
 def _pack(*details: Message) -> list[any_pb2.Any]:

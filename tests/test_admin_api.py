@@ -18,9 +18,9 @@ from google.rpc import code_pb2, error_details_pb2
 
 from gateway.admin_idempotency import AdminIdempotency, AdminMutation
 from gateway.errors import RpcError
+from gateway.idempotency import request_fingerprint
 from gateway.relay import reap_idempotency_keys
 from gateway.server import Gateway
-from payments.store import request_fingerprint
 from switchboard.db.pool import Connection
 from switchboard.notify.v1 import notify_pb2, notify_pb2_grpc
 from switchboard.tenants.v1 import tenants_pb2, tenants_pb2_grpc
